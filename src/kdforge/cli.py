@@ -1,0 +1,172 @@
+"""`kdforge <stage>`: one subcommand per stage, plus `run` (chain stages from one YAML) and `demo`.
+
+Every stage takes ``--config FILE`` (YAML, repeatable), its own flags, and ``--set key=value``
+overrides (applied last), validates the result before any heavy work, and writes one artifact folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from kdforge import __version__
+from kdforge.config import (
+    ConfigError,
+    DemoConfig,
+    DistillConfig,
+    EvalConfig,
+    GenerateConfig,
+    StudentConfig,
+    build_config,
+    read_yaml,
+)
+from kdforge.errors import UserError
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config field, e.g. --set distill.temperature=2 (applied last)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdforge", description="Distil a large chat model into a small, fast one.")
+    parser.add_argument("--version", action="version", version=f"kdforge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="the teacher answers a prompt set (batched, resumable)")
+    g.add_argument("model", nargs="?", help="teacher: HF folder, .gguf file or embedded:smollm2-135m-instruct")
+    g.add_argument("--prompts", help="'bundled' (default) or a JSONL file")
+    g.add_argument("--split", choices=["train", "validation", "all"])
+    g.add_argument("--limit", type=int, help="first N prompts of each split")
+    g.add_argument("--out")
+    g.add_argument("--batch-size", type=int, dest="batch_size")
+    g.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    g.add_argument("--preset", choices=["greedy", "recipe"], help="recipe = sampling at T=0.7, top-p 0.9")
+    g.add_argument("--num-samples", type=int, dest="num_samples")
+    g.add_argument("--seed", type=int)
+    _common(g)
+
+    s = sub.add_parser("student", help="build a student from the teacher")
+    s.add_argument("teacher", nargs="?")
+    s.add_argument("--out")
+    s.add_argument("--num-layers", type=int, dest="num_layers", help="keep N layers, uniformly spaced")
+    s.add_argument("--layers", type=_csv_ints, help="explicit teacher layers to keep, e.g. 0,4,8,29")
+    _common(s)
+
+    d = sub.add_parser("distill", help="train the student on teacher answers (online teacher)")
+    d.add_argument("--teacher")
+    d.add_argument("--student")
+    d.add_argument("--data", help="a generate output folder or a JSONL file")
+    d.add_argument("--out")
+    d.add_argument("--steps", type=int, dest="max_steps")
+    d.add_argument("--batch-size", type=int, dest="batch_size")
+    d.add_argument("--lr", type=float)
+    _common(d)
+
+    e = sub.add_parser("eval", help="compare teacher and students on held-out teacher answers")
+    e.add_argument("--teacher")
+    e.add_argument("--students", nargs="+")
+    e.add_argument("--names", nargs="+")
+    e.add_argument("--data")
+    e.add_argument("--out")
+    e.add_argument("--limit", type=int)
+    _common(e)
+
+    r = sub.add_parser("run", help="run the stages of one YAML file in order")
+    r.add_argument("config_file", metavar="CONFIG")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    r.add_argument("--overwrite", action="store_true")
+
+    m = sub.add_parser("demo", help="generate -> student -> distill -> eval on the embedded teacher")
+    m.add_argument("--out")
+    m.add_argument("--quick", action="store_true", help="a small slice that finishes in a few minutes")
+    _common(m)
+    return parser
+
+
+_FLAGS = {
+    "generate": ("model", "prompts", "split", "limit", "out", "batch_size", "max_new_tokens", "preset",
+                 "num_samples", "seed"),
+    "student": ("teacher", "out", "num_layers", "layers"),
+    "distill": ("teacher", "student", "data", "out", "max_steps", "batch_size", "lr"),
+    "eval": ("teacher", "students", "names", "data", "out", "limit"),
+    "demo": ("out",),
+}
+
+
+def _flags(args: argparse.Namespace, stage: str) -> dict[str, Any]:
+    return {k: getattr(args, k, None) for k in _FLAGS[stage]}
+
+
+def _stage_runner(stage: str) -> tuple[type, Callable[..., Any]]:
+    # Imported lazily: `kdforge --help` and config errors should not wait for torch.
+    if stage == "generate":
+        from kdforge.teacher.generate import run_generate
+        return GenerateConfig, run_generate
+    if stage == "student":
+        from kdforge.models.build import run_student
+        return StudentConfig, run_student
+    if stage == "distill":
+        from kdforge.distill.trainer import run_distill
+        return DistillConfig, run_distill
+    if stage == "eval":
+        from kdforge.eval.report import run_eval
+        return EvalConfig, run_eval
+    raise ValueError(stage)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            cfg = build_config(DemoConfig, "demo", args.config, args.overrides, _flags(args, "demo"))
+            _quiet_transformers()
+            from kdforge.demo import run_demo
+            run_demo(cfg, quick=args.quick, overwrite=args.overwrite)
+        elif args.command == "run":
+            sections = read_yaml(args.config_file)
+            stages = [s for s in ("generate", "student", "distill", "eval") if s in sections]
+            if not stages:
+                raise ConfigError(f"{args.config_file}: no stage sections (generate, student, distill, eval)")
+            # Validate every stage before running the first: a typo in `eval:` must not cost a training run.
+            plan = []
+            for stage in stages:
+                cls, runner = _stage_runner(stage)
+                plan.append((stage, build_config(cls, stage, [args.config_file], args.overrides), runner))
+            _quiet_transformers()
+            for stage, cfg, runner in plan:
+                print(f"[kdforge] == {stage} -> {cfg.out}", flush=True)
+                runner(cfg, overwrite=args.overwrite)
+        else:
+            cls, runner = _stage_runner(args.command)
+            cfg = build_config(cls, args.command, args.config, args.overrides, _flags(args, args.command))
+            _quiet_transformers()
+            result = runner(cfg, overwrite=args.overwrite)
+            if args.command != "eval":
+                print(f"[kdforge] {args.command} done -> {cfg.out}: {result}", flush=True)
+    except (UserError, FileExistsError) as e:
+        print(f"kdforge: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

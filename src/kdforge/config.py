@@ -1,0 +1,228 @@
+"""One typed config per stage, read from YAML, overridable with ``--set key=value``.
+
+A YAML file may hold one stage's fields at the top level, or several stages under their names
+(``generate:``, ``student:``, ``distill:``, ``eval:``, ``demo:``) as ``kdforge run`` uses. Every
+config is validated before any heavy work starts; an unknown or ill-typed field is an error that
+names the file, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdforge.errors import UserError
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class ConfigError(UserError):
+    """A config could not be read or failed validation; the message says where and how to fix it."""
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class GenerateConfig(StageConfig):
+    """`kdforge generate`: the teacher answers a prompt set (sequence-level KD data)."""
+
+    model: str = Field(description="teacher: HF folder, GGUF file, or embedded:smollm2-135m-instruct")
+    prompts: str = Field("bundled", description="'bundled' or a JSONL file (prompt/messages/alpaca/sharegpt)")
+    split: Literal["train", "validation", "all"] = "all"
+    limit: int | None = Field(None, gt=0, description="use only the first N prompts of each split")
+    val_limit: int | None = Field(None, gt=0, description="with split=all: cap for validation (default: limit)")
+    out: str = "artifacts/generate"
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+    preset: Literal["greedy", "recipe"] | None = Field(
+        None, description="greedy, or the common recipe: sampling at temperature 0.7, top-p 0.9"
+    )
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_samples: int = Field(1, gt=0, description="answers per prompt (needs sampling when > 1)")
+    seed: int = 0
+    dtype: Dtype = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _apply_preset(self) -> GenerateConfig:
+        if self.preset == "recipe":
+            object.__setattr__(self, "do_sample", True)
+            object.__setattr__(self, "temperature", 0.7)
+            object.__setattr__(self, "top_p", 0.9)
+        elif self.preset == "greedy":
+            object.__setattr__(self, "do_sample", False)
+        if self.num_samples > 1 and not self.do_sample:
+            raise ValueError("num_samples > 1 needs sampling: set do_sample=true or preset=recipe")
+        return self
+
+
+class StudentConfig(StageConfig):
+    """`kdforge student`: build a student from the teacher."""
+
+    teacher: str
+    out: str = "artifacts/student"
+    method: Literal["layers"] = "layers"
+    num_layers: int | None = Field(8, gt=0, description="keep this many layers, uniformly spaced")
+    layers: list[int] | None = Field(None, description="explicit teacher layer indices to keep")
+    trust_remote_code: bool = False
+
+
+class DistillConfig(StageConfig):
+    """`kdforge distill`: train the student on teacher answers with an online teacher."""
+
+    teacher: str
+    student: str
+    data: str = Field(description="a generate artifact folder or a JSONL file of conversations")
+    out: str = "artifacts/distill"
+    split: Literal["train", "validation", "all"] = "train"
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of hard-label CE; 1-alpha weighs T^2*KL")
+    temperature: float = Field(2.0, gt=0)
+    max_steps: int = Field(200, gt=0, description="optimizer steps")
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr*min_lr_ratio")
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(256, gt=8)
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+class EvalConfig(StageConfig):
+    """`kdforge eval`: teacher vs students on held-out teacher answers."""
+
+    teacher: str
+    students: list[str] = Field(default_factory=list)
+    names: list[str] | None = Field(None, description="display names, one per student")
+    data: str
+    out: str = "artifacts/eval"
+    split: Literal["train", "validation", "all"] = "validation"
+    limit: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(256, gt=8)
+    decode_tokens: int = Field(64, gt=0, description="greedy tokens generated to time decoding")
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _names_match(self) -> EvalConfig:
+        if self.names is not None and len(self.names) != len(self.students):
+            raise ValueError(f"names has {len(self.names)} entries but students has {len(self.students)}")
+        return self
+
+
+class DemoConfig(StageConfig):
+    """`kdforge demo`: generate -> student -> distill -> eval on the embedded teacher."""
+
+    teacher: str = "embedded:smollm2-135m-instruct"
+    out: str = "demo_out"
+    train_prompts: int | None = Field(None, gt=0, description="None: the whole train split")
+    val_prompts: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(96, gt=0)
+    gen_batch_size: int = Field(16, gt=0)
+    student_layers: int = Field(8, gt=0)
+    distill_steps: int = Field(160, gt=0)
+    distill_batch_size: int = Field(4, gt=0)
+    distill_lr: float = Field(3e-4, gt=0)
+    max_length: int = Field(256, gt=8)
+
+
+T = TypeVar("T", bound=StageConfig)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, YAML-parsed value). ``distill.lr=1e-4`` keeps its dotted key."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set distill.temperature=2")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from e
+    # YAML reads 1e-4 as a string; numbers are what users mean here.
+    if isinstance(value, str) and _FLOAT_RE.fullmatch(value):
+        value = float(value)
+    return key.strip(), value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}{where}: invalid YAML: {getattr(e, 'problem', e)}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of config fields at the top level")
+    return data
+
+
+def build_config(
+    cls: type[T],
+    stage: str,
+    files: list[str] | None = None,
+    overrides: list[str] | None = None,
+    flags: dict[str, Any] | None = None,
+) -> T:
+    """Merge YAML files < command-line flags < ``--set`` overrides into one validated ``cls``."""
+    values: dict[str, Any] = {}
+    sources = ["command line"]
+    for f in files or []:
+        data = read_yaml(f)
+        section = data.get(stage, data if not any(k in data for k in _STAGE_NAMES) else {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{f}: section '{stage}' must be a mapping")
+        values.update(section)
+        sources.append(str(f))
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    for item in overrides or []:
+        key, value = parse_override(item)
+        if "." in key:
+            prefix, key = key.split(".", 1)
+            if prefix != stage:
+                continue  # an override for another stage of `kdforge run`
+        values[key] = value
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, stage, sources)) from None
+
+
+def format_validation_error(e: ValidationError, stage: str, sources: list[str]) -> str:
+    lines = [f"invalid {stage} config (from {', '.join(sources)}):"]
+    for err in e.errors():
+        field = ".".join(str(x) for x in err["loc"]) or "(config)"
+        got = err.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {stage}.{field}: unknown field; check its spelling (see docs/configs.md)")
+        elif err["type"] == "missing":
+            lines.append(f"  {stage}.{field}: required; set it in the YAML or with --set {stage}.{field}=...")
+        else:
+            lines.append(f"  {stage}.{field}: {err['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+_STAGE_NAMES = ("generate", "student", "distill", "eval", "demo")
+
+
+def dump(config: StageConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Prompt sets, conversation formats, chat templating and assistant-only label masks."""

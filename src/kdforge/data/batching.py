@@ -1,0 +1,31 @@
+"""Turn encoded conversations into padded tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from kdforge.data.chat import IGNORE_INDEX, EncodedConversation
+
+
+def collate(examples: list[EncodedConversation], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels, each (B, T)."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def shared_vocab_size(tokenizer, *models) -> int:
+    """Length of the tokenizer's vocabulary, which every model's logits must cover."""
+    n = len(tokenizer)
+    for m in models:
+        rows = m.get_output_embeddings().weight.shape[0]
+        if rows < n:
+            raise ValueError(f"a model has {rows} output rows but the tokenizer has {n} tokens")
+    return n

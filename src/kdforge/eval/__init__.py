@@ -1,0 +1,1 @@
+"""Evaluation: agreement with the teacher, speed, size; reports."""

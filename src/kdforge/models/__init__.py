@@ -1,0 +1,1 @@
+"""Model loading (HF folder, GGUF file, the embedded teacher) and student building."""

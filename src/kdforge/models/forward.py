@@ -1,0 +1,38 @@
+"""Forward passes that compute the vocabulary projection only where a loss or metric needs it.
+
+The output projection is about a third of a small model's FLOPs and its (B, T, V) output dominates
+memory; prompt and padding positions never need it. We run the decoder, gather the hidden states
+at target positions, and project only those.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdforge.data.chat import IGNORE_INDEX
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T-1) bool mask of positions whose next token is a target."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def target_logits(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the N target positions, (N, V'), and the target ids, (N,).
+
+    ``vocab_size`` cuts the logits to the shared tokenizer length (embedding matrices are often
+    padded beyond it, e.g. Qwen2.5's 151,936 or 152,064 rows for 151,665 tokens).
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    mask = target_positions(labels)  # (B, T-1)
+    h = hidden[:, :-1][mask]  # (N, H)
+    logits = model.get_output_embeddings()(h)  # (N, V)
+    if vocab_size is not None:
+        logits = logits[:, :vocab_size]
+    return logits, labels[:, 1:][mask]

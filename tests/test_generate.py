@@ -1,0 +1,102 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kdforge.config import GenerateConfig
+from kdforge.data.formats import select_split
+from kdforge.data.prompts import load_prompt_set
+from kdforge.teacher.generate import run_generate
+
+pytestmark = pytest.mark.integration
+
+
+def records(path):
+    return [json.loads(x) for x in (path / "data.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_generate_batched_with_records(tiny_model_dir, prompts_file, tmp_path):
+    out = tmp_path / "gen"
+    cfg = GenerateConfig(model=str(tiny_model_dir), prompts=str(prompts_file), out=str(out),
+                         batch_size=4, max_new_tokens=8)
+    m = run_generate(cfg)
+    recs = records(out)
+    assert m["records"] == 9 and sorted(r["id"] for r in recs) == sorted([f"t{i}" for i in range(6)] +
+                                                                          [f"v{i}" for i in range(3)])
+    for r in recs:
+        assert r["messages"][-1]["role"] == "assistant" and r["finish_reason"] in ("stop", "length")
+        assert 1 <= r["completion_tokens"] <= 8 and r["prompt_tokens"] > 0
+    assert {r["split"] for r in recs} == {"train", "validation"}
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["complete"] and meta["parents"]["prompts"]["sha256"]
+    # A re-run has nothing to do and changes nothing.
+    before = (out / "data.jsonl").read_bytes()
+    assert run_generate(cfg)["resumed_records"] == 9
+    assert (out / "data.jsonl").read_bytes() == before
+
+
+def test_greedy_batched_equals_unbatched(tiny_llama_dir, prompts_file, tmp_path):
+    outs = []
+    for bs in (1, 4):
+        cfg = GenerateConfig(model=str(tiny_llama_dir), prompts=str(prompts_file), out=str(tmp_path / f"b{bs}"),
+                             batch_size=bs, max_new_tokens=6)
+        run_generate(cfg)
+        outs.append({r["id"]: r["messages"][-1]["content"] for r in records(tmp_path / f"b{bs}")})
+    assert outs[0] == outs[1]
+
+
+def test_sampled_several_per_prompt(tiny_llama_dir, prompts_file, tmp_path):
+    cfg = GenerateConfig(model=str(tiny_llama_dir), prompts=str(prompts_file), out=str(tmp_path / "s"),
+                         preset="recipe", num_samples=2, max_new_tokens=5, split="validation")
+    run_generate(cfg)
+    ids = sorted(r["id"] for r in records(tmp_path / "s"))
+    assert ids == ["v0/0", "v0/1", "v1/0", "v1/1", "v2/0", "v2/1"]
+
+
+def test_changed_settings_refuse_to_resume(tiny_llama_dir, prompts_file, tmp_path):
+    base = dict(model=str(tiny_llama_dir), prompts=str(prompts_file), out=str(tmp_path / "g"), split="validation")
+    run_generate(GenerateConfig(**base, max_new_tokens=4))
+    with pytest.raises(ValueError, match="max_new_tokens: 4 before, 5 now"):
+        run_generate(GenerateConfig(**base, max_new_tokens=5))
+
+
+def test_torn_last_line_is_dropped_and_redone(tiny_llama_dir, prompts_file, tmp_path):
+    cfg = GenerateConfig(model=str(tiny_llama_dir), prompts=str(prompts_file), out=str(tmp_path / "g"),
+                         max_new_tokens=4)
+    run_generate(cfg)
+    data = tmp_path / "g" / "data.jsonl"
+    lines = data.read_bytes().splitlines(keepends=True)
+    data.write_bytes(b"".join(lines[:-1]) + lines[-1][:10])  # as if killed mid-write
+    m = run_generate(cfg)
+    assert m["resumed_records"] == 8 and m["records"] == 9
+    ids = [r["id"] for r in records(tmp_path / "g")]
+    assert len(ids) == len(set(ids)) == 9
+
+
+def test_killed_run_resumes_without_duplicates_or_losses(tiny_llama_dir, tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "kdforge.cli", "generate", str(tiny_llama_dir), "--out", str(out),
+            "--batch-size", "2", "--max-new-tokens", "24", "--limit", "60"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    data = out / "data.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if data.is_file() and data.read_bytes().count(b"\n") >= 6:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "meta.json").exists()
+    expected = {c.id for c in select_split(load_prompt_set("bundled"), "all", limit=60)}
+    done_before = data.read_bytes().count(b"\n")
+    assert 6 <= done_before < len(expected)
+    m = run_generate(GenerateConfig(model=str(tiny_llama_dir), out=str(out), batch_size=2, max_new_tokens=24,
+                                    limit=60))
+    ids = [r["id"] for r in records(out)]
+    assert len(ids) == len(set(ids)) and set(ids) == expected
+    assert m["resumed_records"] == done_before
