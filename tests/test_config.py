@@ -73,3 +73,11 @@ def test_shipped_configs_validate(path):
     for stage in data:
         assert stage in CLASSES, f"{path}: unknown section {stage}"
         build_config(CLASSES[stage], stage, [str(path)])
+
+
+@pytest.mark.parametrize("stage", sorted(CLASSES))
+def test_every_field_is_documented(stage):
+    doc = (Path(__file__).parent.parent / "docs" / "configs.md").read_text(encoding="utf-8")
+    section = doc.split(f"## `{stage}`", 1)[1].split("\n## ", 1)[0]
+    for field in CLASSES[stage].model_fields:
+        assert f"`{field}`" in section, f"docs/configs.md does not document {stage}.{field}"

@@ -25,7 +25,7 @@ def test_stages_end_to_end(tiny_model_dir, prompts_file, tmp_path, capsys):
                  "--steps", "6", "--batch-size", "2", "--set", "log_every=2", "--set", "lr=1e-3"]) == 0
     log = [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6]
-    assert all(r["loss"] > 0 and r["kl"] >= 0 and r["target_tokens"] > 0 for r in log)
+    assert all(r["loss"] > 0 and r["soft"] >= 0 and r["target_tokens_per_s"] > 0 for r in log)
     dmeta = json.loads((d / "meta.json").read_text())
     assert dmeta["layer_map"] == {"0": 0} and dmeta["parents"]["data"]["meta_sha256"]
     # The distilled student is a plain HF folder that transformers loads and runs.

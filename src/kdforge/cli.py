@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, dest="max_steps")
     d.add_argument("--batch-size", type=int, dest="batch_size")
     d.add_argument("--lr", type=float)
+    d.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     _common(d)
 
     e = sub.add_parser("eval", help="compare teacher and students on held-out teacher answers")
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             cls, runner = _stage_runner(args.command)
             cfg = build_config(cls, args.command, args.config, args.overrides, _flags(args, args.command))
             _quiet_transformers()
-            result = runner(cfg, overwrite=args.overwrite)
+            kwargs = {"resume": args.resume} if args.command == "distill" else {}
+            result = runner(cfg, overwrite=args.overwrite, **kwargs)
             if args.command != "eval":
                 print(f"[kdforge] {args.command} done -> {cfg.out}: {result}", flush=True)
     except (UserError, FileExistsError) as e:

@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kdforge.distill.schedules import Schedule, as_schedule
 from kdforge.errors import UserError
 
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -78,6 +79,16 @@ class StudentConfig(StageConfig):
     trust_remote_code: bool = False
 
 
+ScheduleLike = float | Schedule | str  # a number, a schedule mapping, or a preset name
+
+
+class LoraSettings(StageConfig):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
 class DistillConfig(StageConfig):
     """`kdforge distill`: train the student on teacher answers with an online teacher."""
 
@@ -86,21 +97,69 @@ class DistillConfig(StageConfig):
     data: str = Field(description="a generate artifact folder or a JSONL file of conversations")
     out: str = "artifacts/distill"
     split: Literal["train", "validation", "all"] = "train"
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of hard-label CE; 1-alpha weighs T^2*KL")
-    temperature: float = Field(2.0, gt=0)
+    # objective: kd_weight * (alpha*CE + (1-alpha)*T^2*D) + hidden_weight*H + attention_weight*A
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv"] = "forward_kl"
+    alpha: ScheduleLike = Field(0.5, description="weight of hard-label CE; 1-alpha weighs T^2*D")
+    temperature: ScheduleLike = Field(2.0, description="T, or a schedule / preset (t6to1, t5to2, t2then1)")
+    jsd_beta: float = Field(0.5, ge=0, le=1)
+    skew: float = Field(0.1, ge=0, le=1, description="DistiLLM skew for skew_kl / skew_reverse_kl")
+    kd_weight: ScheduleLike = 1.0
+    hidden_loss: Literal["none", "mse", "cosine", "nmse"] = "none"
+    hidden_weight: ScheduleLike = 1.0
+    attention_loss: Literal["none", "kl", "mse"] = "none"
+    attention_weight: ScheduleLike = 1.0
+    layer_map: dict[int, int] | None = Field(None, description="student layer -> teacher layer")
+    preset: Literal["two_stage"] | None = None
+    chunk_size: int | None = Field(1024, gt=0, description="positions per vocabulary softmax chunk")
+    # optimisation
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    freeze: list[str] = Field(default_factory=list, description="regexes of parameter names to freeze")
     max_steps: int = Field(200, gt=0, description="optimizer steps")
     batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(3e-4, gt=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr*min_lr_ratio")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="decay ends at lr*min_lr_ratio")
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(256, gt=8)
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    category_weights: dict[str, float] = Field(default_factory=dict)
+    # bookkeeping
     log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    val_limit: int = Field(64, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    tensorboard: bool = False
     seed: int = 0
     device: str = "auto"
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        for name in ("alpha", "temperature", "kd_weight", "hidden_weight", "attention_weight"):
+            try:
+                object.__setattr__(self, name, as_schedule(getattr(self, name)))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        bad = [w for w in self.category_weights.values() if w < 0]
+        if bad:
+            raise ValueError(f"category_weights must be >= 0, got {bad}")
+        if self.preset == "two_stage":
+            # Stage 1 (first half): hidden states only. Stage 2: KL (+ CE) and attention maps.
+            half = Schedule(kind="step", values=[1.0, 0.0], boundaries=[0.5])
+            object.__setattr__(self, "hidden_weight", half)
+            object.__setattr__(self, "kd_weight", Schedule(kind="step", values=[0.0, 1.0], boundaries=[0.5]))
+            object.__setattr__(self, "attention_weight", Schedule(kind="step", values=[0.0, 1.0], boundaries=[0.5]))
+            if self.hidden_loss == "none":
+                object.__setattr__(self, "hidden_loss", "cosine")
+            if self.attention_loss == "none":
+                object.__setattr__(self, "attention_loss", "kl")
+        return self
 
 
 class EvalConfig(StageConfig):

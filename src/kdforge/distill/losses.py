@@ -1,42 +1,152 @@
 """Distillation losses as pure functions over target positions only.
 
-Every function takes logits already gathered at the N target positions, shape (N, V), and returns
-a per-position value of shape (N,), computed in fp32. The trainer sums them and divides by the
-number of target tokens of the whole accumulated batch, so every token weighs the same however the
-batch is split. Temperature T divides both teacher and student logits; the soft term is then
-multiplied by T^2 (Hinton et al.) so its gradient scale does not shrink as T grows.
+Every divergence takes logits already gathered at the N target positions, shape (N, V), and
+returns a per-position value of shape (N,), computed in fp32. The trainer sums them and divides by
+the number of target tokens of the whole accumulated batch, so every token weighs the same however
+the batch is split.
+
+Temperature T divides both teacher and student logits before the softmax. The soft term of the
+objective is multiplied by T² (Hinton et al., 2015): the gradient of a softened divergence shrinks
+like 1/T², and the factor keeps its scale comparable to the hard-label CE as T changes.
+
+With p = softmax(teacher / T) and q = softmax(student / T):
+    forward_kl       KL(p ‖ q) = Σ p (log p − log q)                  mode-covering (the classic KD loss)
+    reverse_kl       KL(q ‖ p) = Σ q (log q − log p)                  mode-seeking (MiniLLM)
+    jsd (β)          β·KL(p ‖ m) + (1−β)·KL(q ‖ m), m = β·p + (1−β)·q  (the scale TRL's GKD and Liger use);
+                     β = 0 and β = 1 are defined as forward and reverse KL (the limits of JSD/β and
+                     JSD/(1−β)), as in GKD, since the unnormalised form vanishes at both ends
+    skew_kl (α)      KL(p ‖ α·p + (1−α)·q)                            DistiLLM's skew KL
+    skew_reverse_kl  KL(q ‖ (1−α)·p + α·q)                            DistiLLM's skew reverse KL
+    tv               ½ Σ |p − q|                                      total variation
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
+Tensor = torch.Tensor
 
-def hard_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv")
+
+
+def hard_ce(student_logits: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy with the data's next token. (N, V), (N,) -> (N,)"""
     return F.cross_entropy(student_logits.float(), labels, reduction="none")
 
 
-def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) at temperature T, per position. (N, V), (N, V) -> (N,)"""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (N, V)
-    return (t.exp() * (t - s)).sum(-1)
+def _kl_logp(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a ‖ b) from log-probabilities, per row. (N, V) -> (N,). 0·log 0 counts as 0."""
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
+    """log(w·a + (1−w)·b), computed stably in log space."""
+    if w <= 0:
+        return log_b
+    if w >= 1:
+        return log_a
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log(1 - w))
+
+
+def forward_kl_logp(s: Tensor, t: Tensor) -> Tensor:
+    return _kl_logp(t, s)
+
+
+def reverse_kl_logp(s: Tensor, t: Tensor) -> Tensor:
+    return _kl_logp(s, t)
+
+
+def jsd_logp(s: Tensor, t: Tensor, beta: float = 0.5) -> Tensor:
+    if beta <= 0:
+        return _kl_logp(t, s)
+    if beta >= 1:
+        return _kl_logp(s, t)
+    m = _log_mix(t, s, beta)
+    return beta * _kl_logp(t, m) + (1 - beta) * _kl_logp(s, m)
+
+
+def skew_kl_logp(s: Tensor, t: Tensor, skew: float = 0.1) -> Tensor:
+    return _kl_logp(t, _log_mix(t, s, skew))
+
+
+def skew_reverse_kl_logp(s: Tensor, t: Tensor, skew: float = 0.1) -> Tensor:
+    return _kl_logp(s, _log_mix(s, t, skew))
+
+
+def tv_logp(s: Tensor, t: Tensor) -> Tensor:
+    return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+
+
+def divergence_fn(kind: str, beta: float = 0.5, skew: float = 0.1) -> Callable[[Tensor, Tensor], Tensor]:
+    """The divergence ``kind`` as a function of (student log-probs, teacher log-probs) -> (N,)."""
+    table: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+        "forward_kl": forward_kl_logp,
+        "reverse_kl": reverse_kl_logp,
+        "jsd": lambda s, t: jsd_logp(s, t, beta),
+        "skew_kl": lambda s, t: skew_kl_logp(s, t, skew),
+        "skew_reverse_kl": lambda s, t: skew_reverse_kl_logp(s, t, skew),
+        "tv": tv_logp,
+    }
+    if kind not in table:
+        raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(DIVERGENCES)}")
+    return table[kind]
+
+
+def divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-position divergence between teacher and student at temperature T. (N, V), (N, V) -> (N,)
+
+    ``chunk_size`` bounds memory: the vocabulary-wide log-softmax of both models is computed for
+    that many positions at a time (each position's softmax exactly once), never for all N at once.
+    """
+    fn = divergence_fn(kind, beta, skew)
+    n = student_logits.shape[0]
+    step = max(1, n if not chunk_size or chunk_size >= n else chunk_size)
+    out = []
+    for i in range(0, n, step):
+        s = F.log_softmax(student_logits[i:i + step].float() / temperature, dim=-1)  # (C, V)
+        t = F.log_softmax(teacher_logits[i:i + step].float() / temperature, dim=-1)  # (C, V)
+        out.append(fn(s, t))
+    return torch.cat(out) if out else student_logits.new_zeros(0, dtype=torch.float32)
+
+
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(teacher ‖ student) at temperature T, per position. (N, V), (N, V) -> (N,)"""
+    return divergence(student_logits, teacher_logits, "forward_kl", temperature)
 
 
 def kd_terms(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
     alpha: float,
     temperature: float,
-) -> dict[str, torch.Tensor]:
-    """Summed (not averaged) terms of alpha*CE + (1-alpha)*T^2*KL over N positions.
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Summed (not averaged) terms of alpha·CE + (1−alpha)·T²·D over N positions.
 
-    Returns ``{"loss", "ce", "kl"}`` as scalar sums; divide by the accumulated target count.
+    Returns ``{"loss", "ce", "soft"}`` as scalar sums (``soft`` is D at temperature T, before T²);
+    the caller divides by the accumulated target count.
     """
-    ce = hard_ce(student_logits, labels).sum()
-    kl = forward_kl(student_logits, teacher_logits, temperature).sum()
-    loss = alpha * ce + (1.0 - alpha) * temperature**2 * kl
-    return {"loss": loss, "ce": ce, "kl": kl}
+    ce = hard_ce(student_logits, labels).sum() if alpha > 0 else student_logits.new_zeros((), dtype=torch.float32)
+    if alpha < 1:
+        soft = divergence(student_logits, teacher_logits, kind, temperature, beta, skew, chunk_size).sum()
+    else:
+        soft = student_logits.new_zeros((), dtype=torch.float32)
+    loss = alpha * ce + (1.0 - alpha) * temperature**2 * soft
+    return {"loss": loss, "ce": ce, "soft": soft}

@@ -11,8 +11,9 @@ from kdforge.config import ConfigError, EvalConfig, dump
 from kdforge.data.batching import shared_vocab_size
 from kdforge.data.chat import encode_conversation, encode_prompt
 from kdforge.data.formats import load_training_data, select_split
-from kdforge.eval.metrics import agreement, decode_speed
+from kdforge.eval.metrics import decode_speed
 from kdforge.models.loading import count_parameters, load_model
+from kdforge.scoring import agreement
 
 SPEED_PROMPT = [{"role": "user", "content": "Write a short paragraph about why the sky is blue."}]
 COLUMNS = [("name", "model", "{}"), ("params_m", "params (M)", "{:.1f}"), ("nll", "NLL", "{:.4f}"),

@@ -1,0 +1,190 @@
+"""The distillation trainer: exact accumulation, exact resume, vocabulary alignment, options."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from kdforge.config import ConfigError, DistillConfig
+from kdforge.data.batching import collate
+from kdforge.data.formats import Conversation
+from kdforge.distill.schedules import Progress, Schedule, as_schedule
+from kdforge.distill.trainer import Distiller, encode_dataset, run_distill
+from kdforge.models.student import build_layer_student
+
+from .conftest import make_tiny
+
+pytestmark = pytest.mark.integration
+
+CONVS = [[{"role": "user", "content": f"Question {i}: what is {i} times {i + 1}?"},
+          {"role": "assistant", "content": f"{i} times {i + 1} is {i * (i + 1)}." + " Indeed." * (i % 3)}]
+         for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"id": f"c{i}", "messages": m, "split": "validation" if i >= 6 else "train",
+             "category": "even" if i % 2 == 0 else "odd"} for i, m in enumerate(CONVS)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _pair(tmp_path, tokenizer, arch="llama", teacher_extra_rows=0, student_extra_rows=0):
+    teacher = make_tiny(arch, len(tokenizer), seed=3, layers=3, extra_rows=teacher_extra_rows)
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(8.0)  # peaked predictions, so KL has something to teach
+    t_dir, s_dir = tmp_path / "teacher", tmp_path / "student"
+    teacher.save_pretrained(t_dir)
+    tokenizer.save_pretrained(t_dir)
+    if student_extra_rows != teacher_extra_rows:
+        student = make_tiny(arch, len(tokenizer), seed=4, layers=2, extra_rows=student_extra_rows)
+    else:
+        student = build_layer_student(teacher, [0, 2])
+    student.save_pretrained(s_dir)
+    tokenizer.save_pretrained(s_dir)
+    return str(t_dir), str(s_dir)
+
+
+def test_batch8_equals_batch1_times_accumulation8(tokenizer, tmp_path):
+    teacher = make_tiny("llama", len(tokenizer), seed=1)
+    student = make_tiny("llama", len(tokenizer), seed=2, layers=1)
+    data, _ = encode_dataset(tokenizer, [Conversation(f"c{i}", m) for i, m in enumerate(CONVS)], 64)
+    cfg = DistillConfig(teacher="t", student="s", data="d", hidden_loss="mse", hidden_weight=0.5,
+                        attention_loss="none", temperature=2.0, alpha=0.3)
+    grads = []
+    for split in ([data], [[e] for e in data]):
+        student.zero_grad()
+        d = Distiller(cfg, teacher, student, len(tokenizer), {0: 1}, None)
+        d.step([collate(chunk, tokenizer.pad_token_id) for chunk in split], Progress(0, 10, 5))
+        grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(tokenizer, tmp_path, data_file):
+    t, s = _pair(tmp_path, tokenizer)
+    common = dict(teacher=t, student=s, data=str(data_file), max_steps=8, batch_size=2, log_every=1, lr=1e-3,
+                  save_every=3, category_weights={"odd": 2.0})
+    run_distill(DistillConfig(out=str(tmp_path / "full"), **common))
+    full = [json.loads(x) for x in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
+
+    out = tmp_path / "killed"
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in common.items() if k not in ("teacher", "student", "data")]
+    cli = ["distill", "--teacher", t, "--student", s, "--data", str(data_file), "--out", str(out), *sets]
+    args = [sys.executable, "-m", "kdforge.cli", *cli]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "checkpoints" / "step-000003" / "trainer_state.json").exists():
+            proc.kill()
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -9, proc.stderr.read().decode()[-2000:]
+    assert not (out / "meta.json").exists()
+    from kdforge.cli import main
+
+    assert main([*cli, "--resume"]) == 0
+    resumed = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(full, resumed):
+        for k in ("loss", "ce", "soft", "lr", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)
+    # Both final students are the same model.
+    from safetensors.torch import load_file
+
+    fa, fb = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
+
+
+def test_resume_with_changed_settings_is_refused(tokenizer, tmp_path, data_file):
+    t, s = _pair(tmp_path, tokenizer)
+    base = dict(teacher=t, student=s, data=str(data_file), out=str(tmp_path / "o"), max_steps=4, batch_size=2,
+                save_every=2)
+    run_distill(DistillConfig(**base))
+    with pytest.raises(ConfigError, match="settings differ.*lr"):
+        run_distill(DistillConfig(**base | {"lr": 1e-2}), resume=True)
+    with pytest.raises(ConfigError, match="already exists"):
+        run_distill(DistillConfig(**base))
+
+
+def test_qwen_teacher_with_padded_vocab_distils_into_smaller_vocab_student(tokenizer, tmp_path, data_file):
+    """Qwen2.5-style: teacher 152,064-like rows, student 151,936-like rows, one tokenizer."""
+    t, s = _pair(tmp_path, tokenizer, arch="qwen2", teacher_extra_rows=256, student_extra_rows=128)
+    m = run_distill(DistillConfig(teacher=t, student=s, data=str(data_file), out=str(tmp_path / "o"), max_steps=3,
+                                  batch_size=2, eval_every=3))
+    assert m["final"]["val_kl"] > 0 and torch.isfinite(torch.tensor(m["final"]["loss"]))
+
+
+def test_different_tokenizers_are_refused(tokenizer, tmp_path, data_file):
+    t, s = _pair(tmp_path, tokenizer)
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(s)
+    other.add_tokens(["<brand_new_token>"])
+    other.save_pretrained(s)
+    with pytest.raises(ConfigError, match="tokenizers differ"):
+        run_distill(DistillConfig(teacher=t, student=s, data=str(data_file), out=str(tmp_path / "o"), max_steps=1))
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("options", [
+    {"preset": "two_stage"},
+    {"hidden_loss": "nmse", "attention_loss": "mse", "loss": "jsd", "jsd_beta": 0.3, "temperature": "t6to1"},
+    {"method": "lora", "loss": "reverse_kl"},
+    {"freeze": ["self_attn"], "loss": "skew_kl", "gradient_checkpointing": True, "tensorboard": True},
+    {"loss": "tv", "alpha": {"kind": "linear", "start": 0.0, "end": 0.5}, "lr_schedule": "linear"},
+])
+def test_training_options_run_and_save_loadable_students(tokenizer, tmp_path, data_file, options):
+    from transformers import AutoModelForCausalLM
+
+    t, s = _pair(tmp_path, tokenizer)
+    out = tmp_path / "o"
+    m = run_distill(DistillConfig(teacher=t, student=s, data=str(data_file), out=str(out), max_steps=4, batch_size=2,
+                                  log_every=1, **options))
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    if options.get("preset") == "two_stage":
+        assert log[0]["hidden"] > 0 and log[0]["kd_weight"] == 0 and log[-1]["kd_weight"] == 1
+        assert log[-1]["attention"] > 0 and log[-1]["hidden_weight"] == 0
+    if options.get("temperature") == "t6to1":
+        assert log[0]["temperature"] == 6.0 and log[-1]["temperature"] == 1.0
+    if "tensorboard" in options:
+        assert list((out / "tb").iterdir())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in k for k in model.state_dict())
+    assert m["final"]["step"] == 4
+
+
+def test_freezing_keeps_frozen_weights(tokenizer, tmp_path, data_file):
+    from safetensors.torch import load_file
+
+    t, s = _pair(tmp_path, tokenizer)
+    run_distill(DistillConfig(teacher=t, student=s, data=str(data_file), out=str(tmp_path / "o"), max_steps=2,
+                              freeze=["self_attn"], lr=1e-2))
+    before, after = load_file(f"{s}/model.safetensors"), load_file(tmp_path / "o" / "model.safetensors")
+    q, up = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(before[q], after[q]) and not torch.equal(before[up], after[up])
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        run_distill(DistillConfig(teacher=t, student=s, data=str(data_file), out=str(tmp_path / "o2"), max_steps=1,
+                                  freeze=["no_such_module"]))
+
+
+def test_schedules():
+    p = lambda step: Progress(step, 11, 5)  # noqa: E731
+    lin = Schedule(kind="linear", start=6, end=1)
+    assert [lin.at(p(0)), lin.at(p(5)), lin.at(p(10))] == [6.0, 3.5, 1.0]
+    cos = Schedule(kind="cosine", start=1, end=0)
+    assert cos.at(p(0)) == 1.0 and cos.at(p(10)) == pytest.approx(0.0) and cos.at(p(5)) == pytest.approx(0.5)
+    by_epoch = as_schedule("t2then1")
+    assert [by_epoch.at(p(4)), by_epoch.at(p(5)), by_epoch.at(p(9))] == [2.0, 1.0, 1.0]
+    steps = Schedule(kind="step", values=[1, 2, 3], boundaries=[2, 4], unit="step")
+    assert [steps.at(p(i)) for i in range(6)] == [1, 1, 2, 2, 3, 3]
+    assert as_schedule(0.7).at(p(3)) == 0.7
+    with pytest.raises(ValueError, match="needs start, end"):
+        Schedule(kind="linear")
+    with pytest.raises(ValueError, match="unknown schedule preset"):
+        as_schedule("t9to0")
