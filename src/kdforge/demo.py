@@ -44,7 +44,8 @@ def run_demo(cfg: DemoConfig, quick: bool = False, overwrite: bool = False) -> d
     print(f"[demo] 3/4 distill: {cfg.distill_steps} steps with the online teacher -> {root / 'distill'}", flush=True)
     run_distill(DistillConfig(teacher=cfg.teacher, student=str(root / "student"), data=str(root / "generate"),
                               out=str(root / "distill"), max_steps=cfg.distill_steps,
-                              batch_size=cfg.distill_batch_size, lr=cfg.distill_lr, max_length=cfg.max_length),
+                              batch_size=cfg.distill_batch_size, lr=cfg.distill_lr, max_length=cfg.max_length,
+                              eval_every=max(1, cfg.distill_steps // 4), val_limit=32),
                 overwrite=True)
     timings["distill_s"] = time.time() - t
 
