@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out")
     s.add_argument("--num-layers", type=int, dest="num_layers", help="keep N layers, uniformly spaced")
     s.add_argument("--layers", type=_csv_ints, help="explicit teacher layers to keep, e.g. 0,4,8,29")
+    s.add_argument("--method", choices=["layers", "depth", "width", "fresh"])
+    s.add_argument("--hidden-size", type=int, dest="hidden_size")
+    s.add_argument("--intermediate-size", type=int, dest="intermediate_size")
+    s.add_argument("--num-attention-heads", type=int, dest="num_attention_heads")
+    s.add_argument("--num-key-value-heads", type=int, dest="num_key_value_heads")
+    s.add_argument("--init", choices=["slice", "random"], help="fresh: slice teacher weights or random")
     _common(s)
 
     d = sub.add_parser("distill", help="train the student on teacher answers (online teacher)")
@@ -99,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAGS = {
     "generate": ("model", "prompts", "split", "limit", "out", "batch_size", "max_new_tokens", "preset",
                  "num_samples", "seed"),
-    "student": ("teacher", "out", "num_layers", "layers"),
+    "student": ("teacher", "out", "method", "num_layers", "layers", "hidden_size", "intermediate_size",
+                "num_attention_heads", "num_key_value_heads", "init"),
     "distill": ("teacher", "student", "data", "out", "max_steps", "batch_size", "lr"),
     "eval": ("teacher", "students", "names", "data", "out", "limit"),
     "demo": ("out",),

@@ -73,9 +73,20 @@ class StudentConfig(StageConfig):
 
     teacher: str
     out: str = "artifacts/student"
-    method: Literal["layers"] = "layers"
-    num_layers: int | None = Field(8, gt=0, description="keep this many layers, uniformly spaced")
-    layers: list[int] | None = Field(None, description="explicit teacher layer indices to keep")
+    method: Literal["layers", "depth", "width", "fresh"] = Field(
+        "layers", description="layers: uniform subset; depth: by block influence; width: prune by activation "
+        "importance; fresh: a smaller config, sliced or random")
+    num_layers: int | None = Field(None, gt=0, description="layers to keep (layers/depth: 8; width/fresh: all)")
+    layers: list[int] | None = Field(None, description="explicit teacher layer indices to keep (method=layers)")
+    hidden_size: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    num_attention_heads: int | None = Field(None, gt=0)
+    num_key_value_heads: int | None = Field(None, gt=0)
+    init: Literal["slice", "random"] = Field("slice", description="fresh: slice teacher weights or random init")
+    calibration: str = Field("bundled", description="prompts or conversations to measure importance on")
+    calibration_samples: int = Field(64, gt=0)
+    calibration_max_length: int = Field(256, gt=8)
+    seed: int = 0
     trust_remote_code: bool = False
 
 
