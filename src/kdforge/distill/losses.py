@@ -129,7 +129,7 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
 
 def kd_terms(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | None,
     labels: Tensor,
     alpha: float,
     temperature: float,
@@ -144,7 +144,7 @@ def kd_terms(
     the caller divides by the accumulated target count.
     """
     ce = hard_ce(student_logits, labels).sum() if alpha > 0 else student_logits.new_zeros((), dtype=torch.float32)
-    if alpha < 1:
+    if alpha < 1 and teacher_logits is not None:
         soft = divergence(student_logits, teacher_logits, kind, temperature, beta, skew, chunk_size).sum()
     else:
         soft = student_logits.new_zeros((), dtype=torch.float32)

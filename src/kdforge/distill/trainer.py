@@ -91,6 +91,8 @@ class Distiller:
         n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         use_kd = w["kd_weight"] > 0
         hid, att = w["hidden_weight"] > 0, w["attention_weight"] > 0
+        # alpha = 1 is plain CE on the data: the teacher is not run at all unless alignment needs it.
+        run_teacher = (use_kd and w["alpha"] < 1) or hid or att
         s_layers = sorted(self.layer_map) if (hid or att) else []
         t_layers = sorted(set(self.layer_map[i] for i in s_layers))
         sums = {"loss": 0.0, "ce": 0.0, "soft": 0.0, "hidden": 0.0, "attention": 0.0}
@@ -99,10 +101,11 @@ class Distiller:
             b = {k: v.to(device) for k, v in b.items()}
             ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
             with self.autocast or contextlib.nullcontext():
+                t_logits = None
                 with torch.no_grad(), capture(self.teacher, t_layers, hid, att) as t_store:
-                    if use_kd:
+                    if use_kd and w["alpha"] < 1:
                         t_logits, _ = target_logits(self.teacher, ids, mask, labels, self.vocab)  # (N, V)
-                    else:
+                    elif run_teacher:
                         self.teacher.get_decoder()(input_ids=ids, attention_mask=mask)
                 with capture(self.student, s_layers, hid, att) as s_store:
                     if use_kd:
@@ -289,7 +292,8 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, resume: bool = Fals
             row = {"step": step + 1, "epoch": round(progress.epoch, 4), "lr": sched.get_last_lr()[0],
                    **{k: window[k] / n for k in ("loss", "ce", "soft", "hidden", "attention")},
                    **{k: r[k] for k in ("temperature", "alpha", "kd_weight", "hidden_weight", "attention_weight")},
-                   "grad_norm": float(grad_norm),
+                   "grad_norm": float(grad_norm), "target_tokens": int(window["targets"]),
+                   "seconds": round(window["seconds"], 4),
                    "target_tokens_per_s": window["targets"] / max(window["seconds"], 1e-9)}
             window = {}
             bar.set_postfix(loss=f"{row['loss']:.3f}", soft=f"{row['soft']:.3f}",

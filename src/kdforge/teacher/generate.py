@@ -123,7 +123,8 @@ def generate_into(model, tok, todo: list[tuple[Conversation, int]], cfg: Generat
     gen_cfg = GenerationConfig(
         max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
         temperature=cfg.temperature if cfg.do_sample else None,
-        top_p=cfg.top_p if cfg.do_sample else None, top_k=None if cfg.do_sample else None,
+        # top_k=0 turns off transformers' default top-k of 50: sampling is exactly temperature + top-p.
+        top_p=cfg.top_p if cfg.do_sample else None, top_k=0 if cfg.do_sample else None,
         eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
     )
     bar = tqdm(total=len(encoded), desc="generate", unit="answer", dynamic_ncols=True)
