@@ -12,6 +12,7 @@ from kdforge.config import ConfigError, DistillConfig
 from kdforge.data.batching import collate
 from kdforge.data.formats import Conversation
 from kdforge.distill.schedules import Progress, Schedule, as_schedule
+from kdforge.distill.teacher_source import LiveTeacher
 from kdforge.distill.trainer import Distiller, encode_dataset, run_distill
 from kdforge.models.student import build_layer_student
 
@@ -58,7 +59,7 @@ def test_batch8_equals_batch1_times_accumulation8(tokenizer, tmp_path):
     grads = []
     for split in ([data], [[e] for e in data]):
         student.zero_grad()
-        d = Distiller(cfg, teacher, student, len(tokenizer), {0: 1}, None)
+        d = Distiller(cfg, LiveTeacher(teacher, len(tokenizer)), student, len(tokenizer), {0: 1}, None)
         d.step([collate(chunk, tokenizer.pad_token_id) for chunk in split], Progress(0, 10, 5))
         grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

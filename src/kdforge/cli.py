@@ -18,6 +18,7 @@ from kdforge.config import (
     DistillConfig,
     EvalConfig,
     GenerateConfig,
+    LabelConfig,
     StudentConfig,
     build_config,
     read_yaml,
@@ -56,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, dest="num_samples")
     g.add_argument("--seed", type=int)
     _common(g)
+
+    lb = sub.add_parser("label", help="cache the teacher's top-k soft labels on disk (offline distillation)")
+    lb.add_argument("teacher", nargs="?")
+    lb.add_argument("--data", help="a generate output folder or a JSONL file")
+    lb.add_argument("--out")
+    lb.add_argument("--top-k", type=int, dest="top_k")
+    lb.add_argument("--hidden-layers", type=_csv_ints, dest="hidden_layers", help="e.g. 4,12,29")
+    lb.add_argument("--batch-size", type=int, dest="batch_size")
+    _common(lb)
 
     s = sub.add_parser("student", help="build a student from the teacher")
     s.add_argument("teacher", nargs="?")
@@ -105,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAGS = {
     "generate": ("model", "prompts", "split", "limit", "out", "batch_size", "max_new_tokens", "preset",
                  "num_samples", "seed"),
+    "label": ("teacher", "data", "out", "top_k", "hidden_layers", "batch_size"),
     "student": ("teacher", "out", "method", "num_layers", "layers", "hidden_size", "intermediate_size",
                 "num_attention_heads", "num_key_value_heads", "init"),
     "distill": ("teacher", "student", "data", "out", "max_steps", "batch_size", "lr"),
@@ -122,6 +133,9 @@ def _stage_runner(stage: str) -> tuple[type, Callable[..., Any]]:
     if stage == "generate":
         from kdforge.teacher.generate import run_generate
         return GenerateConfig, run_generate
+    if stage == "label":
+        from kdforge.teacher.label import run_label
+        return LabelConfig, run_label
     if stage == "student":
         from kdforge.models.build import run_student
         return StudentConfig, run_student
@@ -151,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(cfg, quick=args.quick, overwrite=args.overwrite)
         elif args.command == "run":
             sections = read_yaml(args.config_file)
-            stages = [s for s in ("generate", "student", "distill", "eval") if s in sections]
+            stages = [s for s in ("generate", "label", "student", "distill", "eval") if s in sections]
             if not stages:
-                raise ConfigError(f"{args.config_file}: no stage sections (generate, student, distill, eval)")
+                raise ConfigError(f"{args.config_file}: no stage sections (generate, label, student, distill, eval)")
             # Validate every stage before running the first: a typo in `eval:` must not cost a training run.
             plan = []
             for stage in stages:

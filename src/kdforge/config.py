@@ -90,6 +90,25 @@ class StudentConfig(StageConfig):
     trust_remote_code: bool = False
 
 
+class LabelConfig(StageConfig):
+    """`kdforge label`: the teacher's top-k soft labels cached on disk (offline distillation)."""
+
+    teacher: str
+    data: str = Field(description="a generate artifact folder or a JSONL file of conversations")
+    out: str = "artifacts/labels"
+    split: Literal["train", "validation", "all"] = "all"
+    limit: int | None = Field(None, gt=0)
+    top_k: int = Field(64, gt=1, le=1024)
+    temperature: float = Field(1.0, gt=0, description="capture temperature")
+    max_length: int = Field(256, gt=8, description="must equal distill.max_length when training from the cache")
+    hidden_layers: list[int] = Field(default_factory=list, description="teacher layers whose hidden states to keep")
+    batch_size: int = Field(8, gt=0)
+    shard_size: int = Field(256, gt=0, description="conversations per shard")
+    dtype: Dtype = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
 ScheduleLike = float | Schedule | str  # a number, a schedule mapping, or a preset name
 
 
@@ -103,9 +122,10 @@ class LoraSettings(StageConfig):
 class DistillConfig(StageConfig):
     """`kdforge distill`: train the student on teacher answers with an online teacher."""
 
-    teacher: str
+    teacher: str | None = Field(None, description="the live teacher (not needed with labels)")
     student: str
     data: str = Field(description="a generate artifact folder or a JSONL file of conversations")
+    labels: str | None = Field(None, description="a `kdforge label` cache: train from it, never load the teacher")
     out: str = "artifacts/distill"
     split: Literal["train", "validation", "all"] = "train"
     # objective: kd_weight * (alpha*CE + (1-alpha)*T^2*D) + hidden_weight*H + attention_weight*A
@@ -152,6 +172,8 @@ class DistillConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
+        if self.teacher is None and self.labels is None:
+            raise ValueError("set teacher (online distillation) or labels (a `kdforge label` cache)")
         for name in ("alpha", "temperature", "kd_weight", "hidden_weight", "attention_weight"):
             try:
                 object.__setattr__(self, name, as_schedule(getattr(self, name)))
@@ -160,6 +182,8 @@ class DistillConfig(StageConfig):
         bad = [w for w in self.category_weights.values() if w < 0]
         if bad:
             raise ValueError(f"category_weights must be >= 0, got {bad}")
+        if self.labels and (self.attention_loss != "none" or self.preset == "two_stage"):
+            raise ValueError("attention-map alignment needs a live teacher; the soft-label cache holds no attention")
         if self.preset == "two_stage":
             # Stage 1 (first half): hidden states only. Stage 2: KL (+ CE) and attention maps.
             half = Schedule(kind="step", values=[1.0, 0.0], boundaries=[0.5])
@@ -291,7 +315,7 @@ def format_validation_error(e: ValidationError, stage: str, sources: list[str]) 
     return "\n".join(lines)
 
 
-_STAGE_NAMES = ("generate", "student", "distill", "eval", "demo")
+_STAGE_NAMES = ("generate", "label", "student", "distill", "eval", "demo")
 
 
 def dump(config: StageConfig) -> dict[str, Any]:

@@ -159,6 +159,12 @@ def select_split(convs: list[Conversation], split: str, limit: int | None = None
     return chosen[:limit] if limit else chosen
 
 
+def data_file(spec: str | Path) -> Path:
+    """The JSONL file behind a data spec (a generate folder's data.jsonl, or the file itself)."""
+    path = Path(spec)
+    return path / "data.jsonl" if path.is_dir() else path
+
+
 def load_training_data(spec: str | Path) -> list[Conversation]:
     """Conversations from a generate artifact folder (must be complete) or a JSONL file."""
     path = Path(spec)

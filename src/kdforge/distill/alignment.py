@@ -13,9 +13,6 @@ GQA uses); otherwise both sides are averaged over all heads first.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 
@@ -25,30 +22,6 @@ Tensor = torch.Tensor
 def default_layer_map(num_student: int, num_teacher: int) -> dict[int, int]:
     """Student layer i -> teacher layer at the same relative depth (last maps to last)."""
     return {i: round((i + 1) * num_teacher / num_student) - 1 for i in range(num_student)}
-
-
-@contextlib.contextmanager
-def capture(model, layers: list[int], hidden: bool, attention: bool) -> Iterator[dict[str, dict[int, Tensor]]]:
-    """Record the outputs of decoder ``layers`` (hidden states (B, T, H); attention probs (B, h, T, T))."""
-    store: dict[str, dict[int, Tensor]] = {"hidden": {}, "attention": {}}
-    handles = []
-    decoder_layers = model.get_decoder().layers
-    for i in layers:
-        if hidden:
-            def keep_hidden(_m, _inp, out, i=i):
-                store["hidden"][i] = out[0] if isinstance(out, tuple) else out
-            handles.append(decoder_layers[i].register_forward_hook(keep_hidden))
-        if attention:
-            def keep_attn(_m, _inp, out, i=i):
-                if not isinstance(out, tuple) or out[1] is None:
-                    raise RuntimeError("attention weights are not returned: load the model with eager attention")
-                store["attention"][i] = out[1]
-            handles.append(decoder_layers[i].self_attn.register_forward_hook(keep_attn))
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def hidden_loss_sum(s: Tensor, t: Tensor, mask: Tensor, kind: str) -> Tensor:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,26 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv")
+
+
+@dataclass
+class SparseSignal:
+    """The teacher's signal from the soft-label cache at N target positions (dense logits are a plain Tensor)."""
+
+    ids: Tensor            # (N, k) token ids, most likely first
+    logprobs: Tensor       # (N, k) log-probabilities at the capture temperature
+    tail_logmass: Tensor   # (N,) log of the mass outside the top-k
+    capture_temperature: float = 1.0
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def top1(self) -> Tensor:
+        return self.ids[:, 0]
+
+
+TeacherSignal = Tensor | SparseSignal
+TAIL_FLOOR = -30.0  # the soft-label cache floors log tail masses here too
 
 
 def hard_ce(student_logits: Tensor, labels: Tensor) -> Tensor:
@@ -122,14 +143,80 @@ def divergence(
     return torch.cat(out) if out else student_logits.new_zeros(0, dtype=torch.float32)
 
 
+def sparse_teacher_logp(logprobs: Tensor, tail_logmass: Tensor, capture_temperature: float, temperature: float,
+                        vocab_size: int) -> Tensor:
+    """Cached top-k teacher log-probs -> (N, k+1) log-probs at temperature T: the k tokens, then the tail.
+
+    At the capture temperature this is exact (up to the cache's quantisation). At another T, the
+    top-k are re-tempered exactly (log p_T ∝ (T_c / T) · log p_Tc), and the tail, whose shape was
+    not kept, is assumed spread evenly over the V − k other tokens. Rows are renormalised so the
+    k+1 bins sum to one.
+    """
+    lp, tail = logprobs.float(), tail_logmass.float()
+    if temperature != capture_temperature:
+        r = capture_temperature / temperature
+        n_tail = max(vocab_size - lp.shape[-1], 1)
+        lp = r * lp
+        tail = math.log(n_tail) + r * (tail - math.log(n_tail))
+    bins = torch.cat([lp, tail[:, None]], dim=-1)  # (N, k+1)
+    return bins - torch.logsumexp(bins, dim=-1, keepdim=True)
+
+
+def sparse_student_logp(student_logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
+    """Student log-probs at T gathered at the teacher's top-k ids, plus the mass elsewhere. (N, V) -> (N, k+1)"""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
+    top = s.gather(-1, ids)  # (N, k)
+    # (N,) log of the mass outside the top-k, floored like the cache's tail (an empty tail is ~1e-13, not 0)
+    rest = s.scatter(-1, ids, float("-inf")).logsumexp(-1).clamp(min=TAIL_FLOOR)
+    return torch.cat([top, rest[:, None]], dim=-1)
+
+
+def sparse_divergence(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    tail_logmass: Tensor,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    capture_temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """A divergence between the cached teacher and the student over k+1 bins (top-k tokens + the rest).
+
+    Collapsing the tail into one bin gives a lower bound of the full-vocabulary divergence that is
+    exact when the tail mass is zero; with a teacher's top-64 it is usually within a few percent.
+    (N, V), (N, k), (N, k), (N,) -> (N,)
+    """
+    fn = divergence_fn(kind, beta, skew)
+    vocab = student_logits.shape[-1]
+    n = student_logits.shape[0]
+    step = max(1, n if not chunk_size or chunk_size >= n else chunk_size)
+    out = [fn(sparse_student_logp(student_logits[i:i + step], ids[i:i + step], temperature),
+              sparse_teacher_logp(teacher_logprobs[i:i + step], tail_logmass[i:i + step], capture_temperature,
+                                  temperature, vocab))
+           for i in range(0, n, step)]
+    return torch.cat(out) if out else student_logits.new_zeros(0, dtype=torch.float32)
+
+
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(teacher ‖ student) at temperature T, per position. (N, V), (N, V) -> (N,)"""
     return divergence(student_logits, teacher_logits, "forward_kl", temperature)
 
 
+def soft_divergence(student_logits: Tensor, teacher: TeacherSignal, kind: str, temperature: float,
+                    beta: float = 0.5, skew: float = 0.1, chunk_size: int | None = None) -> Tensor:
+    """Per-position divergence from either kind of teacher signal. (N, V), signal -> (N,)"""
+    if isinstance(teacher, SparseSignal):
+        return sparse_divergence(student_logits, teacher.ids, teacher.logprobs, teacher.tail_logmass, kind,
+                                 temperature, teacher.capture_temperature, beta, skew, chunk_size)
+    return divergence(student_logits, teacher, kind, temperature, beta, skew, chunk_size)
+
+
 def kd_terms(
     student_logits: Tensor,
-    teacher_logits: Tensor | None,
+    teacher_logits: TeacherSignal | None,
     labels: Tensor,
     alpha: float,
     temperature: float,
@@ -145,7 +232,7 @@ def kd_terms(
     """
     ce = hard_ce(student_logits, labels).sum() if alpha > 0 else student_logits.new_zeros((), dtype=torch.float32)
     if alpha < 1 and teacher_logits is not None:
-        soft = divergence(student_logits, teacher_logits, kind, temperature, beta, skew, chunk_size).sum()
+        soft = soft_divergence(student_logits, teacher_logits, kind, temperature, beta, skew, chunk_size).sum()
     else:
         soft = student_logits.new_zeros((), dtype=torch.float32)
     loss = alpha * ce + (1.0 - alpha) * temperature**2 * soft

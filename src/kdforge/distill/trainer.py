@@ -25,19 +25,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from kdforge.artifacts import CONFIG_NAME, META_NAME, read_meta, write_config, write_meta
+from kdforge.artifacts import CONFIG_NAME, META_NAME, file_sha256, read_meta, write_config, write_meta
 from kdforge.config import ConfigError, DistillConfig, dump, read_yaml
 from kdforge.data.batching import collate, shared_vocab_size
 from kdforge.data.chat import EncodedConversation, encode_conversation
-from kdforge.data.formats import load_training_data, select_split
-from kdforge.distill.alignment import attention_loss_sum, capture, default_layer_map, hidden_loss_sum
+from kdforge.data.formats import Conversation, data_file, load_training_data, select_split
+from kdforge.distill.alignment import attention_loss_sum, default_layer_map, hidden_loss_sum
 from kdforge.distill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_states
-from kdforge.distill.losses import kd_terms
+from kdforge.distill.losses import SparseSignal, hard_ce, kd_terms, soft_divergence
 from kdforge.distill.sampler import MicroBatchSampler
 from kdforge.distill.schedules import Progress
-from kdforge.models.forward import target_logits
+from kdforge.distill.teacher_source import CachedTeacher, LiveTeacher
+from kdforge.models.forward import capture, target_logits
 from kdforge.models.loading import load_model
-from kdforge.scoring import agreement
+from kdforge.softlabels.reader import SoftLabelCache
 
 # Fields that only change bookkeeping: a resumed run may change them.
 _RESUME_FREE = {"log_every", "eval_every", "val_limit", "save_every", "keep_checkpoints", "tensorboard", "out",
@@ -63,17 +64,27 @@ def check_same_tokenizer(teacher_tok, student_tok) -> None:
             "(sequence-level KD on `kdforge generate` output with alpha=1 works across tokenizers).")
 
 
-def encode_dataset(tok, convs, max_length: int) -> tuple[list[EncodedConversation], list[str]]:
-    pairs = [(encode_conversation(tok, c.messages, max_length), c.category) for c in convs if c.has_answer]
+def encode_dataset(tok, convs, max_length: int) -> tuple[list[EncodedConversation], list[Conversation]]:
+    """Encoded conversations that have targets, and the conversations they came from."""
+    pairs = [(encode_conversation(tok, c.messages, max_length), c) for c in convs if c.has_answer]
     pairs = [(e, c) for e, c in pairs if e.num_targets > 0]
     return [e for e, _ in pairs], [c for _, c in pairs]
+
+
+def make_batch(examples: list[EncodedConversation], rows: list[int] | None, pad_id: int) -> dict[str, torch.Tensor]:
+    """Padded tensors, plus the examples' rows in the soft-label cache when training from one."""
+    batch = collate(examples, pad_id)
+    if rows is not None:
+        batch["rows"] = torch.tensor(rows)
+    return batch
 
 
 class Distiller:
     """Computes one optimizer step's loss and gradients over its micro-batches."""
 
-    def __init__(self, cfg: DistillConfig, teacher, student, vocab: int, layer_map: dict[int, int],
-                 projection: torch.nn.Module | None, autocast: contextlib.AbstractContextManager | None = None):
+    def __init__(self, cfg: DistillConfig, teacher: LiveTeacher | CachedTeacher, student, vocab: int,
+                 layer_map: dict[int, int], projection: torch.nn.Module | None,
+                 autocast: contextlib.AbstractContextManager | None = None):
         self.cfg, self.teacher, self.student, self.vocab = cfg, teacher, student, vocab
         self.layer_map, self.projection = layer_map, projection
         self.autocast = autocast
@@ -91,22 +102,17 @@ class Distiller:
         n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         use_kd = w["kd_weight"] > 0
         hid, att = w["hidden_weight"] > 0, w["attention_weight"] > 0
-        # alpha = 1 is plain CE on the data: the teacher is not run at all unless alignment needs it.
-        run_teacher = (use_kd and w["alpha"] < 1) or hid or att
         s_layers = sorted(self.layer_map) if (hid or att) else []
         t_layers = sorted(set(self.layer_map[i] for i in s_layers))
+        # alpha = 1 is plain CE on the data: the teacher's logits are not needed.
+        need_logits = use_kd and w["alpha"] < 1
         sums = {"loss": 0.0, "ce": 0.0, "soft": 0.0, "hidden": 0.0, "attention": 0.0}
         device = next(self.student.parameters()).device
         for b in micro:
             b = {k: v.to(device) for k, v in b.items()}
             ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
             with self.autocast or contextlib.nullcontext():
-                t_logits = None
-                with torch.no_grad(), capture(self.teacher, t_layers, hid, att) as t_store:
-                    if use_kd and w["alpha"] < 1:
-                        t_logits, _ = target_logits(self.teacher, ids, mask, labels, self.vocab)  # (N, V)
-                    elif run_teacher:
-                        self.teacher.get_decoder()(input_ids=ids, attention_mask=mask)
+                t_out = self.teacher(b, need_logits, t_layers, hid, att)
                 with capture(self.student, s_layers, hid, att) as s_store:
                     if use_kd:
                         s_logits, targets = target_logits(self.student, ids, mask, labels, self.vocab)  # (N, V)
@@ -114,19 +120,19 @@ class Distiller:
                         self.student.get_decoder()(input_ids=ids, attention_mask=mask)
             loss = torch.zeros((), device=device)
             if use_kd:
-                terms = kd_terms(s_logits, t_logits, targets, w["alpha"], w["temperature"], c.loss, c.jsd_beta,
+                terms = kd_terms(s_logits, t_out.signal, targets, w["alpha"], w["temperature"], c.loss, c.jsd_beta,
                                  c.skew, c.chunk_size)
                 loss = loss + w["kd_weight"] * terms["loss"] / max(n_targets, 1)
                 for k in ("loss", "ce", "soft"):
                     sums[k] += float(terms[k].detach()) * (w["kd_weight"] if k == "loss" else 1.0)
             real = mask.bool()  # (B, T)
             if hid:
-                h = sum(hidden_loss_sum(self._project(s_store["hidden"][i]), t_store["hidden"][self.layer_map[i]],
+                h = sum(hidden_loss_sum(self._project(s_store["hidden"][i]), t_out.hidden[self.layer_map[i]],
                                         real, c.hidden_loss) for i in s_layers) / len(s_layers)
                 loss = loss + w["hidden_weight"] * h / max(n_tokens, 1)
                 sums["hidden"] += float(h.detach())
             if att:
-                a = sum(attention_loss_sum(s_store["attention"][i], t_store["attention"][self.layer_map[i]],
+                a = sum(attention_loss_sum(s_store["attention"][i], t_out.attention[self.layer_map[i]],
                                            real, c.attention_loss) for i in s_layers) / len(s_layers)
                 loss = loss + w["attention_weight"] * a / max(n_tokens, 1)
                 sums["attention"] += float(a.detach())
@@ -139,12 +145,30 @@ class Distiller:
                        + w["attention_weight"] * out["attention"])
         return out | w | {"targets": n_targets, "tokens": n_tokens}
 
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Validation: CE of the answers, divergence D(teacher ‖ student) at T=1 (forward KL), top-1 agreement."""
+        sums, n = {"val_ce": 0.0, "val_kl": 0.0, "val_top1": 0.0}, 0
+        device = next(self.student.parameters()).device
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            t_out = self.teacher(b, True, [], False, False)
+            s_logits, targets = target_logits(self.student, b["input_ids"], b["attention_mask"], b["labels"],
+                                              self.vocab)
+            sums["val_ce"] += float(hard_ce(s_logits, targets).sum())
+            sums["val_kl"] += float(soft_divergence(s_logits, t_out.signal, "forward_kl", 1.0,
+                                                    chunk_size=self.cfg.chunk_size).sum())
+            t_top = t_out.signal.top1() if isinstance(t_out.signal, SparseSignal) else t_out.signal.argmax(-1)
+            sums["val_top1"] += float((s_logits.argmax(-1) == t_top).sum())
+            n += targets.numel()
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         return self.projection(h) if self.projection is not None else h
 
 
-def resolve_layer_map(cfg: DistillConfig, student, teacher) -> dict[int, int]:
-    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+def resolve_layer_map(cfg: DistillConfig, student, n_t: int) -> dict[int, int]:
+    n_s = student.config.num_hidden_layers
     if cfg.layer_map is not None:
         lm = dict(cfg.layer_map)
     else:
@@ -210,27 +234,51 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, resume: bool = Fals
     resume_from = _prepare_out(cfg, overwrite, resume)
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    teacher, tok = load_model(cfg.teacher, cfg.device, trust_remote_code=cfg.trust_remote_code)
-    student, student_tok = load_model(cfg.student, cfg.device, dtype="float32", trust_remote_code=cfg.trust_remote_code)
-    check_same_tokenizer(tok, student_tok)
-    vocab = shared_vocab_size(tok, teacher, student)
+    cache = SoftLabelCache(cfg.labels) if cfg.labels else None  # checks every shard before any model loads
+    student, tok = load_model(cfg.student, cfg.device, dtype="float32", trust_remote_code=cfg.trust_remote_code)
+    if cache is not None:
+        # Offline distillation: the teacher is never loaded; its labels must match this data and tokenizer.
+        cache.check_compatible(tok, file_sha256(data_file(cfg.data)))
+        if cache.manifest["max_length"] != cfg.max_length:
+            raise ConfigError(f"the cache was labelled with max_length {cache.manifest['max_length']}; "
+                              f"set distill.max_length to the same (now {cfg.max_length})")
+        vocab = shared_vocab_size(tok, student)
+        teacher: LiveTeacher | CachedTeacher = CachedTeacher(cache)
+        row_of = {e["id"]: i for i, e in enumerate(cache.manifest["examples"])}
+    else:
+        teacher_model, teacher_tok = load_model(cfg.teacher, cfg.device, trust_remote_code=cfg.trust_remote_code)
+        check_same_tokenizer(teacher_tok, tok)
+        vocab = shared_vocab_size(tok, teacher_model, student)
+        if cfg.attention_loss != "none":
+            # Attention probabilities are only materialised by the eager implementation.
+            teacher_model.set_attn_implementation("eager")
+        teacher = LiveTeacher(teacher_model, vocab)
+        row_of = None
     if cfg.attention_loss != "none":
-        # Attention probabilities are only materialised by the eager implementation.
-        teacher.set_attn_implementation("eager")
         student.set_attn_implementation("eager")
-    data, cats = encode_dataset(tok, select_split(convs, cfg.split), cfg.max_length)
+
+    def rows_for(selected: list[Conversation]) -> list[int] | None:
+        if row_of is None:
+            return None
+        missing = [c.id for c in selected if c.id not in row_of]
+        if missing:
+            raise ConfigError(f"{len(missing)} conversations (e.g. {missing[0]!r}) are not in the cache "
+                              f"{cfg.labels}; label the same split of the same data")
+        return [row_of[c.id] for c in selected]
+
+    data, kept = encode_dataset(tok, select_split(convs, cfg.split), cfg.max_length)
     if not data:
         raise ConfigError(f"{cfg.data}: no conversation in split '{cfg.split}' has assistant tokens to train on")
-    val_data = (encode_dataset(tok, select_split(convs, "validation", cfg.val_limit), cfg.max_length)[0]
-                if cfg.eval_every else [])
+    rows = rows_for(kept)
+    val_data, val_kept = (encode_dataset(tok, select_split(convs, "validation", cfg.val_limit), cfg.max_length)
+                          if cfg.eval_every else ([], []))
+    val_rows = rows_for(val_kept) if val_data else None
     device = next(student.parameters()).device
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    layer_map = resolve_layer_map(cfg, student, teacher)
+    layer_map = resolve_layer_map(cfg, student, teacher.num_layers)
     projection = None
-    if cfg.hidden_loss != "none" and student.config.hidden_size != teacher.config.hidden_size:
+    if cfg.hidden_loss != "none" and student.config.hidden_size != teacher.hidden_size:
         # Learned map from the student's width to the teacher's; trained with the student, not shipped.
-        projection = torch.nn.Linear(student.config.hidden_size, teacher.config.hidden_size, bias=False).to(device)
+        projection = torch.nn.Linear(student.config.hidden_size, teacher.hidden_size, bias=False).to(device)
     if cfg.gradient_checkpointing:
         getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)()
         student.config.use_cache = False
@@ -243,8 +291,8 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, resume: bool = Fals
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else None
     distiller = Distiller(cfg, teacher, module, vocab, layer_map, projection, autocast)
-    sampler = MicroBatchSampler([len(e.input_ids) for e in data], cats, cfg.batch_size, cfg.seed,
-                                cfg.category_weights)
+    sampler = MicroBatchSampler([len(e.input_ids) for e in data], [c.category for c in kept], cfg.batch_size,
+                                cfg.seed, cfg.category_weights)
     steps_per_epoch = sampler.batches_per_epoch() / cfg.grad_accum
 
     start_step, consumed = 0, 0
@@ -273,7 +321,8 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, resume: bool = Fals
         micro = []
         for _ in range(cfg.grad_accum):
             epoch, idx = next(stream)
-            micro.append(collate([data[i] for i in idx], tok.pad_token_id))
+            micro.append(make_batch([data[i] for i in idx], [rows[i] for i in idx] if rows else None,
+                                    tok.pad_token_id))
         consumed += cfg.grad_accum
         r = distiller.step(micro, progress)
         grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm)
@@ -300,9 +349,11 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, resume: bool = Fals
                             tok_s=f"{row['target_tokens_per_s']:.0f}")
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps) and val_data:
             module.eval()
-            v = agreement(teacher, [module], val_data, tok.pad_token_id, vocab, batch_size=cfg.batch_size)[0]
+            v = distiller.evaluate([make_batch(val_data[i:i + cfg.batch_size],
+                                               val_rows[i:i + cfg.batch_size] if val_rows else None, tok.pad_token_id)
+                                    for i in range(0, len(val_data), cfg.batch_size)])
             module.train()
-            row = (row or {"step": step + 1}) | {"val_kl": v["kl"], "val_ce": v["nll"], "val_top1": v["top1"]}
+            row = (row or {"step": step + 1}) | v
         if row:
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
@@ -326,13 +377,14 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, resume: bool = Fals
         final.config.use_cache = True
     if cfg.attention_loss != "none":
         final.set_attn_implementation("sdpa")
-    _save_final(out, final, student_tok)
+    _save_final(out, final, tok)
     wall = time.time() - t0
     last = _read_log(log_path)
     metrics = {"steps": cfg.max_steps, "target_tokens_this_run": total_targets, "train_examples": len(data),
                "final": last[-1] if last else {}, "wall_time_s": round(wall, 1)}
     extra = {"layer_map": {str(k): v for k, v in layer_map.items()}}
-    write_meta(out, "distill", {"teacher": _existing(cfg.teacher), "student": cfg.student, "data": cfg.data},
+    write_meta(out, "distill", {"teacher": _existing(cfg.teacher) if cfg.teacher else None, "student": cfg.student,
+                                "data": cfg.data, "labels": cfg.labels},
                metrics, wall, extra=extra)
     return metrics
 

@@ -7,6 +7,9 @@ at target positions, and project only those.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from kdforge.data.chat import IGNORE_INDEX
@@ -36,3 +39,27 @@ def target_logits(
     if vocab_size is not None:
         logits = logits[:, :vocab_size]
     return logits, labels[:, 1:][mask]
+
+
+@contextlib.contextmanager
+def capture(model, layers: list[int], hidden: bool, attention: bool) -> Iterator[dict[str, dict[int, torch.Tensor]]]:
+    """Record the outputs of decoder ``layers`` (hidden states (B, T, H); attention probs (B, h, T, T))."""
+    store: dict[str, dict[int, torch.Tensor]] = {"hidden": {}, "attention": {}}
+    handles = []
+    decoder_layers = model.get_decoder().layers
+    for i in layers:
+        if hidden:
+            def keep_hidden(_m, _inp, out, i=i):
+                store["hidden"][i] = out[0] if isinstance(out, tuple) else out
+            handles.append(decoder_layers[i].register_forward_hook(keep_hidden))
+        if attention:
+            def keep_attn(_m, _inp, out, i=i):
+                if not isinstance(out, tuple) or out[1] is None:
+                    raise RuntimeError("attention weights are not returned: load the model with eager attention")
+                store["attention"][i] = out[1]
+            handles.append(decoder_layers[i].self_attn.register_forward_hook(keep_attn))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()

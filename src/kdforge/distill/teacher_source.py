@@ -1,0 +1,86 @@
+"""Where the teacher's signal comes from: a live teacher model, or the soft-label cache.
+
+The trainer asks a source for the signal of one micro-batch (logits or sparse top-k at the target
+positions, hidden states of mapped layers, attention maps) and does not care which it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kdforge.distill.losses import SparseSignal, TeacherSignal
+from kdforge.models.forward import capture, target_logits
+from kdforge.softlabels.reader import CacheError, SoftLabelCache
+
+
+@dataclass
+class TeacherOutput:
+    signal: TeacherSignal | None                                   # at the N target positions
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> (B, T, H)
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> (B, h, T, T)
+
+
+class LiveTeacher:
+    def __init__(self, model, vocab: int):
+        self.model, self.vocab = model, vocab
+        self.num_layers = model.config.num_hidden_layers
+        self.hidden_size = model.config.hidden_size
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor], logits: bool, layers: list[int], hidden: bool,
+                 attention: bool) -> TeacherOutput:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        with capture(self.model, layers, hidden, attention) as store:
+            if logits:
+                signal, _ = target_logits(self.model, ids, mask, labels, self.vocab)  # (N, V)
+            else:
+                signal = None
+                if hidden or attention:
+                    self.model.get_decoder()(input_ids=ids, attention_mask=mask)
+        return TeacherOutput(signal, store["hidden"], store["attention"])
+
+
+class CachedTeacher:
+    """The teacher as recorded by `kdforge label`: top-k log-probs and, if kept, hidden states."""
+
+    def __init__(self, cache: SoftLabelCache):
+        self.cache = cache
+        m = cache.manifest
+        self.num_layers = m.get("teacher_layers")
+        self.hidden_size = m.get("teacher_hidden_size")
+
+    def __call__(self, batch: dict[str, torch.Tensor], logits: bool, layers: list[int], hidden: bool,
+                 attention: bool) -> TeacherOutput:
+        if attention:
+            raise CacheError("attention-map alignment needs a live teacher: the cache holds no attention maps")
+        rows = batch["rows"].tolist()
+        labels = [self.cache.get(r) for r in rows]
+        counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
+        for r, lab, n in zip(rows, labels, counts):
+            if lab.ids.shape[0] != n:
+                raise CacheError(f"cache example {r} has {lab.ids.shape[0]} target tokens, the data has {n}: the "
+                                 "cache was made from other data or another max_length; re-run `kdforge label`")
+        device = batch["input_ids"].device
+        signal = None
+        if logits:
+            signal = SparseSignal(torch.cat([x.ids for x in labels]).to(device),
+                                  torch.cat([x.logprobs for x in labels]).to(device),
+                                  torch.cat([x.tail_logmass for x in labels]).to(device),
+                                  self.cache.temperature)
+        out: dict[int, torch.Tensor] = {}
+        if hidden:
+            b, t = batch["input_ids"].shape
+            for layer in layers:
+                if layer not in self.cache.hidden_layers:
+                    raise CacheError(f"teacher layer {layer} is mapped but the cache kept hidden states only for "
+                                     f"{self.cache.hidden_layers}; re-label with --hidden-layers or change layer_map")
+                padded = torch.zeros(b, t, self.hidden_size, device=device)  # (B, T, H)
+                for i, lab in enumerate(labels):
+                    h = lab.hidden[layer]
+                    padded[i, :h.shape[0]] = h.to(device)
+                out[layer] = padded
+        return TeacherOutput(signal, out)

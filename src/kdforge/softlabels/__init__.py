@@ -1,0 +1,1 @@
+"""The soft-label cache: the teacher's top-k log-probabilities on disk (format, quantisation, reader)."""

@@ -1,0 +1,160 @@
+"""The soft-label cache: format, quantisation error, reader checks, sparse losses, training from it."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from kdforge.config import ConfigError, DistillConfig, LabelConfig
+from kdforge.distill.losses import divergence, sparse_divergence
+from kdforge.distill.trainer import run_distill
+from kdforge.softlabels.format import DELTA_MAX, decode_topk, encode_topk
+from kdforge.softlabels.reader import CacheError, SoftLabelCache
+from kdforge.teacher.label import run_label
+
+from .conftest import make_tiny
+
+CONVS = [[{"role": "user", "content": f"Tell me about the number {i}."},
+          {"role": "assistant", "content": f"The number {i} comes after {i - 1}." + " It is fine." * (i % 4)}]
+         for i in range(10)]
+
+
+def test_quantisation_error_is_within_the_documented_bound():
+    logits = torch.randn(200, 500) * 4
+    lp = torch.log_softmax(logits, -1)
+    enc = encode_topk(lp, 64, 500)
+    dec = decode_topk(enc["top1_logprob"], enc["topk_codes"])
+    exact = lp.topk(64, -1).values
+    delta = exact[:, :1] - exact
+    # Half a code step of the sqrt code at that depth, plus fp16 rounding of the top-1 anchor.
+    bound = 0.5 * 2 * torch.sqrt(delta.clamp(min=1e-3) * DELTA_MAX) / 255 + DELTA_MAX / 255**2 + 2e-3
+    ok = delta < DELTA_MAX
+    assert ((dec - exact).abs() <= bound)[ok].all()
+    assert enc["topk_ids"].dtype.name == "uint16" and enc["topk_codes"].shape == (200, 63)
+    tail = torch.from_numpy(enc["tail_logmass"].astype("float32")).exp()
+    torch.testing.assert_close(tail + exact.exp().sum(-1), torch.ones(200), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tv"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_sparse_with_full_vocabulary_equals_dense(kind, temperature):
+    s, t = torch.randn(7, 40) * 2, torch.randn(7, 40) * 2
+    lp = torch.log_softmax(t, -1)
+    top, ids = lp.topk(40, -1)
+    tail = torch.full((7,), -30.0)
+    sparse = sparse_divergence(s, ids, top, tail, kind, temperature=temperature, capture_temperature=1.0)
+    torch.testing.assert_close(sparse, divergence(s, t, kind, temperature), atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_forward_kl_is_a_lower_bound_and_close_with_top_k():
+    s, t = torch.randn(50, 300), torch.randn(50, 300) * 3
+    lp = torch.log_softmax(t, -1)
+    top, ids = lp.topk(64, -1)
+    tail = torch.log1p(-top.exp().sum(-1))
+    sparse = sparse_divergence(s, ids, top, tail, "forward_kl")
+    dense = divergence(s, t, "forward_kl")
+    assert (sparse <= dense + 1e-5).all()
+    assert (dense - sparse).mean() / dense.mean() < 0.1
+
+
+@pytest.fixture
+def labelled(tmp_path, tokenizer):
+    teacher = make_tiny("llama", len(tokenizer), seed=7, layers=3)
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(8.0)
+    t_dir = tmp_path / "teacher"
+    teacher.save_pretrained(t_dir)
+    tokenizer.save_pretrained(t_dir)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"c{i}", "messages": m, "split": "validation" if i >= 8 else "train"})
+                            + "\n" for i, m in enumerate(CONVS)))
+    cache = tmp_path / "labels"
+    m = run_label(LabelConfig(teacher=str(t_dir), data=str(data), out=str(cache), top_k=16, shard_size=4,
+                              hidden_layers=[0, 2], batch_size=3))
+    return t_dir, data, cache, m
+
+
+@pytest.mark.integration
+def test_label_writes_a_verifiable_cache(labelled, tokenizer):
+    t_dir, data, cache, m = labelled
+    man = json.loads((cache / "manifest.json").read_text())
+    assert m["examples"] == 10 and m["shards"] == 3 and len(man["examples"]) == 10
+    assert man["k"] == 16 and man["dtypes"]["topk_ids"] == "uint16" and man["tokenizer"]["vocab_sha256"]
+    assert man["teacher"]["weights_sha256"] and man["data"]["sha256"]
+    assert man["bytes_per_target_token"]["format"] == 2 + 32 + 15 + 2
+    reader = SoftLabelCache(cache)
+    reader.check_compatible(tokenizer, man["data"]["sha256"])
+    # Random access gives the teacher's own top-k at each target position.
+    from kdforge.data.chat import encode_conversation
+    from kdforge.models.forward import target_logits
+    from kdforge.models.loading import load_model
+
+    model, tok = load_model(str(t_dir))
+    enc = encode_conversation(tok, CONVS[5], 256)
+    ids = torch.tensor([enc.input_ids])
+    with torch.no_grad():
+        logits, _ = target_logits(model, ids, torch.ones_like(ids), torch.tensor([enc.labels]))
+    lab = reader.get(5)
+    assert torch.equal(lab.ids, logits.topk(16, -1).indices)
+    torch.testing.assert_close(lab.logprobs[:, 0], torch.log_softmax(logits, -1).max(-1).values, atol=3e-3, rtol=0)
+    assert set(lab.hidden) == {0, 2} and lab.hidden[0].shape == (len(enc.input_ids), 64)
+
+
+@pytest.mark.integration
+def test_relabel_reuses_finished_shards(labelled):
+    t_dir, data, cache, _ = labelled
+    (cache / "shard-00001.safetensors").unlink()
+    m = run_label(LabelConfig(teacher=str(t_dir), data=str(data), out=str(cache), top_k=16, shard_size=4,
+                              hidden_layers=[0, 2], batch_size=3))
+    assert m["reused_examples"] == 6  # shards 0 and 2 were kept; only shard 1 was labelled again
+    with pytest.raises(ConfigError, match="other settings.*top_k"):
+        run_label(LabelConfig(teacher=str(t_dir), data=str(data), out=str(cache), top_k=8))
+
+
+@pytest.mark.integration
+def test_corrupt_or_truncated_shard_is_named(labelled):
+    _, _, cache, _ = labelled
+    shard = cache / "shard-00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match="shard-00001.safetensors is corrupted"):
+        SoftLabelCache(cache)
+    shard.write_bytes(bytes(raw[:-100]))
+    with pytest.raises(CacheError, match="shard-00001.safetensors is truncated"):
+        SoftLabelCache(cache)
+
+
+@pytest.mark.integration
+def test_cache_refuses_other_tokenizer_and_other_data(labelled, tokenizer, tmp_path):
+    _, data, cache, _ = labelled
+    reader = SoftLabelCache(cache)
+    other = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    other.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(CacheError, match="different chat template"):
+        reader.check_compatible(other)
+    with pytest.raises(CacheError, match="other data"):
+        reader.check_compatible(tokenizer, "0" * 64)
+
+
+@pytest.mark.integration
+def test_distill_from_cache_never_loads_the_teacher(labelled, tmp_path, monkeypatch):
+    t_dir, data, cache, _ = labelled
+    from kdforge.config import StudentConfig
+    from kdforge.models.build import run_student
+
+    run_student(StudentConfig(teacher=str(t_dir), out=str(tmp_path / "s"), layers=[0, 2]))
+    import kdforge.distill.trainer as trainer
+
+    real = trainer.load_model
+    loaded = []
+    monkeypatch.setattr(trainer, "load_model", lambda spec, *a, **k: loaded.append(spec) or real(spec, *a, **k))
+    m = run_distill(DistillConfig(student=str(tmp_path / "s"), labels=str(cache), data=str(data),
+                                  out=str(tmp_path / "o"), max_steps=4, batch_size=2, eval_every=2, log_every=1,
+                                  hidden_loss="cosine", temperature=2.0, loss="reverse_kl"))
+    assert loaded == [str(tmp_path / "s")]
+    assert m["final"]["val_kl"] > 0 and m["final"]["hidden"] > 0 and math.isfinite(m["final"]["loss"])
+    with pytest.raises(ConfigError, match="max_length"):
+        run_distill(DistillConfig(student=str(tmp_path / "s"), labels=str(cache), data=str(data),
+                                  out=str(tmp_path / "o2"), max_steps=1, max_length=128))
