@@ -8,13 +8,14 @@ from kdforge.config import (
     DistillConfig,
     EvalConfig,
     GenerateConfig,
+    LabelConfig,
     StudentConfig,
     build_config,
     parse_override,
 )
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-CLASSES = {"generate": GenerateConfig, "student": StudentConfig, "distill": DistillConfig, "eval": EvalConfig,
+CLASSES = {"generate": GenerateConfig, "label": LabelConfig, "student": StudentConfig, "distill": DistillConfig, "eval": EvalConfig,
            "demo": DemoConfig}
 
 

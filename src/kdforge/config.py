@@ -234,6 +234,8 @@ class DemoConfig(StageConfig):
     distill_batch_size: int = Field(4, gt=0)
     distill_lr: float = Field(3e-4, gt=0)
     max_length: int = Field(256, gt=8)
+    offline: bool = Field(True, description="distil from a soft-label cache (label stage) instead of online")
+    top_k: int = Field(64, gt=1)
 
 
 T = TypeVar("T", bound=StageConfig)

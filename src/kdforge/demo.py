@@ -1,7 +1,9 @@
 """`kdforge demo`: the whole path on the embedded teacher, each stage's folder under one directory.
 
-generate (teacher answers the bundled prompts) -> student (8 of 30 layers) -> distill (online
-teacher) -> eval (teacher vs undistilled student vs distilled student on the validation split).
+generate (the teacher answers the bundled prompts) -> label (its top-k soft labels, cached) ->
+student (8 of 30 layers) -> distill (from the cache: the teacher is not loaded) -> eval (teacher
+vs undistilled student vs distilled student on the validation split). With ``offline: false``
+the label stage is skipped and distillation runs the teacher online.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from kdforge.config import DemoConfig, DistillConfig, EvalConfig, GenerateConfig, StudentConfig
+from kdforge.config import DemoConfig, DistillConfig, EvalConfig, GenerateConfig, LabelConfig, StudentConfig
 
 QUICK = {"train_prompts": 48, "val_prompts": 16, "max_new_tokens": 48, "distill_steps": 30}
 
@@ -19,43 +21,54 @@ def run_demo(cfg: DemoConfig, quick: bool = False, overwrite: bool = False) -> d
     from kdforge.eval.report import run_eval
     from kdforge.models.build import run_student
     from kdforge.teacher.generate import run_generate
+    from kdforge.teacher.label import run_label
 
     if quick:
         cfg = cfg.model_copy(update={k: v for k, v in QUICK.items() if k not in cfg.model_fields_set})
     root = Path(cfg.out)
-    timings = {}
-    t = time.time()
+    n = 5 if cfg.offline else 4
+    timings: dict[str, float] = {}
 
-    print(f"[demo] 1/4 generate: the teacher answers the bundled prompts -> {root / 'generate'}", flush=True)
+    def stage(name: str, i: int, text: str):
+        print(f"[demo] {i}/{n} {name}: {text} -> {root / name}", flush=True)
+        return time.time()
+
+    t = stage("generate", 1, "the teacher answers the bundled prompts")
     # Train and validation prompts are generated in one resumable run.
-    gen = GenerateConfig(model=cfg.teacher, out=str(root / "generate"), split="all",
-                         limit=cfg.train_prompts, val_limit=cfg.val_prompts,
-                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
-    run_generate(gen, overwrite=overwrite)
-    timings["generate_s"] = time.time() - t
+    run_generate(GenerateConfig(model=cfg.teacher, out=str(root / "generate"), split="all", limit=cfg.train_prompts,
+                                val_limit=cfg.val_prompts, max_new_tokens=cfg.max_new_tokens,
+                                batch_size=cfg.gen_batch_size), overwrite=overwrite)
+    timings["generate"] = time.time() - t
+    i = 2
+    if cfg.offline:
+        t = stage("labels", i, f"cache the teacher's top-{cfg.top_k} log-probs")
+        run_label(LabelConfig(teacher=cfg.teacher, data=str(root / "generate"), out=str(root / "labels"),
+                              top_k=cfg.top_k, max_length=cfg.max_length), overwrite=True)
+        timings["label"] = time.time() - t
+        i += 1
 
-    t = time.time()
-    print(f"[demo] 2/4 student: keep {cfg.student_layers} teacher layers -> {root / 'student'}", flush=True)
+    t = stage("student", i, f"keep {cfg.student_layers} teacher layers")
     run_student(StudentConfig(teacher=cfg.teacher, out=str(root / "student"), num_layers=cfg.student_layers),
                 overwrite=True)
-    timings["student_s"] = time.time() - t
+    timings["student"] = time.time() - t
 
-    t = time.time()
-    print(f"[demo] 3/4 distill: {cfg.distill_steps} steps with the online teacher -> {root / 'distill'}", flush=True)
-    run_distill(DistillConfig(teacher=cfg.teacher, student=str(root / "student"), data=str(root / "generate"),
+    how = "from the soft-label cache" if cfg.offline else "with the online teacher"
+    t = stage("distill", i + 1, f"{cfg.distill_steps} steps {how}")
+    run_distill(DistillConfig(teacher=None if cfg.offline else cfg.teacher,
+                              labels=str(root / "labels") if cfg.offline else None,
+                              student=str(root / "student"), data=str(root / "generate"),
                               out=str(root / "distill"), max_steps=cfg.distill_steps,
                               batch_size=cfg.distill_batch_size, lr=cfg.distill_lr, max_length=cfg.max_length,
                               eval_every=max(1, cfg.distill_steps // 4), val_limit=32),
                 overwrite=True)
-    timings["distill_s"] = time.time() - t
+    timings["distill"] = time.time() - t
 
-    t = time.time()
-    print(f"[demo] 4/4 eval: teacher vs students on the validation split -> {root / 'eval'}", flush=True)
+    t = stage("eval", i + 2, "teacher vs students on the validation split")
     report = run_eval(EvalConfig(teacher=cfg.teacher, students=[str(root / "student"), str(root / "distill")],
                                  names=["student (undistilled)", "student (distilled)"], data=str(root / "generate"),
                                  out=str(root / "eval"), limit=cfg.val_prompts, max_length=cfg.max_length),
                       overwrite=True)
-    timings["eval_s"] = time.time() - t
-    print("[demo] stage times: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in timings.items()), flush=True)
+    timings["eval"] = time.time() - t
+    print("[demo] stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), flush=True)
     print(f"[demo] report: {root / 'eval' / 'report.md'}", flush=True)
     return report
