@@ -15,8 +15,8 @@ from kdforge.config import (
 )
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-CLASSES = {"generate": GenerateConfig, "label": LabelConfig, "student": StudentConfig, "distill": DistillConfig, "eval": EvalConfig,
-           "demo": DemoConfig}
+CLASSES = {"generate": GenerateConfig, "label": LabelConfig, "student": StudentConfig, "distill": DistillConfig,
+           "eval": EvalConfig, "demo": DemoConfig}
 
 
 def test_override_parsing():

@@ -141,7 +141,7 @@ class DistillConfig(StageConfig):
     attention_weight: ScheduleLike = 1.0
     layer_map: dict[int, int] | None = Field(None, description="student layer -> teacher layer")
     preset: Literal["two_stage"] | None = None
-    chunk_size: int | None = Field(1024, gt=0, description="positions per vocabulary softmax chunk")
+    chunk_size: int | None = Field(256, gt=0, description="target positions per projection/loss/backward chunk")
     # optimisation
     method: Literal["full", "lora"] = "full"
     lora: LoraSettings = Field(default_factory=LoraSettings)

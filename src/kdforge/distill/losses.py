@@ -49,6 +49,9 @@ class SparseSignal:
     def top1(self) -> Tensor:
         return self.ids[:, 0]
 
+    def rows(self, sl: slice) -> SparseSignal:
+        return SparseSignal(self.ids[sl], self.logprobs[sl], self.tail_logmass[sl], self.capture_temperature)
+
 
 TeacherSignal = Tensor | SparseSignal
 TAIL_FLOOR = -30.0  # the soft-label cache floors log tail masses here too

@@ -36,7 +36,8 @@ from kdforge.distill.losses import SparseSignal, hard_ce, kd_terms, soft_diverge
 from kdforge.distill.sampler import MicroBatchSampler
 from kdforge.distill.schedules import Progress
 from kdforge.distill.teacher_source import CachedTeacher, LiveTeacher
-from kdforge.models.forward import capture, target_logits
+from kdforge.memory import return_freed_memory_to_os
+from kdforge.models.forward import capture, project, target_hidden, target_logits
 from kdforge.models.loading import load_model
 from kdforge.softlabels.reader import SoftLabelCache
 
@@ -115,16 +116,17 @@ class Distiller:
                 t_out = self.teacher(b, need_logits, t_layers, hid, att)
                 with capture(self.student, s_layers, hid, att) as s_store:
                     if use_kd:
-                        s_logits, targets = target_logits(self.student, ids, mask, labels, self.vocab)  # (N, V)
+                        s_hidden, targets = target_hidden(self.student, ids, mask, labels)  # (N, H), (N,)
                     else:
                         self.student.get_decoder()(input_ids=ids, attention_mask=mask)
             loss = torch.zeros((), device=device)
             if use_kd:
-                terms = kd_terms(s_logits, t_out.signal, targets, w["alpha"], w["temperature"], c.loss, c.jsd_beta,
-                                 c.skew, c.chunk_size)
-                loss = loss + w["kd_weight"] * terms["loss"] / max(n_targets, 1)
+                kd_sums, h_grad = self._token_terms(s_hidden, t_out.signal, targets, w, n_targets)
+                if h_grad is not None:
+                    # Carries the token losses' gradient into the decoder: d(sum(h * g))/dh = g.
+                    loss = loss + (s_hidden * h_grad).sum()
                 for k in ("loss", "ce", "soft"):
-                    sums[k] += float(terms[k].detach()) * (w["kd_weight"] if k == "loss" else 1.0)
+                    sums[k] += kd_sums[k] * (w["kd_weight"] if k == "loss" else 1.0)
             real = mask.bool()  # (B, T)
             if hid:
                 h = sum(hidden_loss_sum(self._project(s_store["hidden"][i]), t_out.hidden[self.layer_map[i]],
@@ -162,6 +164,33 @@ class Distiller:
             sums["val_top1"] += float((s_logits.argmax(-1) == t_top).sum())
             n += targets.numel()
         return {k: v / max(n, 1) for k, v in sums.items()}
+
+    def _token_terms(self, s_hidden: torch.Tensor, signal, targets: torch.Tensor, w: dict[str, float],
+                     n_targets: int) -> tuple[dict[str, float], torch.Tensor | None]:
+        """alpha·CE + (1-alpha)·T²·D over the N target positions, projected and back-propagated chunk by chunk.
+
+        The (N, V) logits and their softmax/gradient buffers dominate a step's memory (V = 49k-152k),
+        so each chunk of ``chunk_size`` positions is projected, scored and back-propagated at once;
+        only its (chunk, V) buffers are alive. The gradients reach the output projection directly and
+        the decoder through the returned (N, H) gradient of ``s_hidden``.
+        """
+        c = self.cfg
+        leaf = s_hidden.detach().requires_grad_(s_hidden.requires_grad)
+        n = leaf.shape[0]
+        size = c.chunk_size or max(n, 1)
+        sums = {"loss": 0.0, "ce": 0.0, "soft": 0.0}
+        for start in range(0, n, size):
+            sl = slice(start, start + size)
+            with self.autocast or contextlib.nullcontext():
+                logits = project(self.student, leaf[sl], self.vocab)  # (chunk, V)
+            sig = signal.rows(sl) if isinstance(signal, SparseSignal) else (signal[sl] if signal is not None else None)
+            terms = kd_terms(logits, sig, targets[sl], w["alpha"], w["temperature"], c.loss, c.jsd_beta, c.skew)
+            scaled = w["kd_weight"] * terms["loss"] / max(n_targets, 1)
+            if scaled.requires_grad:
+                scaled.backward()
+            for k in sums:
+                sums[k] += float(terms[k].detach())
+        return sums, leaf.grad
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         return self.projection(h) if self.projection is not None else h
@@ -229,6 +258,7 @@ def _prepare_out(cfg: DistillConfig, overwrite: bool, resume: bool) -> Path | No
 
 def run_distill(cfg: DistillConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     t0 = time.time()
+    return_freed_memory_to_os()
     # Validate data before loading any model: a bad file must fail in seconds.
     convs = load_training_data(cfg.data)
     resume_from = _prepare_out(cfg, overwrite, resume)
@@ -285,7 +315,7 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False, resume: bool = Fals
     module, params = prepare_trainable(cfg, student)
     module.train()
     all_params = params + (list(projection.parameters()) if projection is not None else [])
-    opt = torch.optim.AdamW(all_params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(all_params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(
         s, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule, cfg.min_lr_ratio))
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")

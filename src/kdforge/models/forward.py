@@ -20,6 +20,25 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
+def target_hidden(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states at the N target positions, (N, H), and the target ids, (N,)."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    mask = target_positions(labels)  # (B, T-1)
+    return hidden[:, :-1][mask], labels[:, 1:][mask]
+
+
+def project(model, h: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """(N, H) hidden states -> (N, V') logits, cut to the shared tokenizer length ``vocab_size``.
+
+    Embedding matrices are often padded beyond the tokenizer (e.g. Qwen2.5's 151,936 or 152,064
+    rows for 151,665 tokens); the padded rows never take part in a divergence.
+    """
+    logits = model.get_output_embeddings()(h)  # (N, V)
+    return logits[:, :vocab_size] if vocab_size is not None else logits
+
+
 def target_logits(
     model,
     input_ids: torch.Tensor,
@@ -27,18 +46,9 @@ def target_logits(
     labels: torch.Tensor,
     vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the N target positions, (N, V'), and the target ids, (N,).
-
-    ``vocab_size`` cuts the logits to the shared tokenizer length (embedding matrices are often
-    padded beyond it, e.g. Qwen2.5's 151,936 or 152,064 rows for 151,665 tokens).
-    """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    mask = target_positions(labels)  # (B, T-1)
-    h = hidden[:, :-1][mask]  # (N, H)
-    logits = model.get_output_embeddings()(h)  # (N, V)
-    if vocab_size is not None:
-        logits = logits[:, :vocab_size]
-    return logits, labels[:, 1:][mask]
+    """Logits at the N target positions, (N, V'), and the target ids, (N,)."""
+    h, targets = target_hidden(model, input_ids, attention_mask, labels)
+    return project(model, h, vocab_size), targets
 
 
 @contextlib.contextmanager
