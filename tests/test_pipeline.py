@@ -32,7 +32,9 @@ def test_stages_end_to_end(tiny_model_dir, prompts_file, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(d)
     assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] >= 49152
     assert main(["eval", "--teacher", t, "--students", str(s), str(d), "--names", "raw", "kd", "--data", str(g),
-                 "--out", str(e), "--set", "decode_tokens=4"]) == 0
+                 "--out", str(e), "--set", "decode_tokens=4", "--task-limit", "2", "--set", "stability_prompts=2",
+                 "--set", "code_max_new_tokens=8", "--set", "task_max_new_tokens=8",
+                 "--set", "stability_max_new_tokens=8"]) == 0
     report = json.loads((e / "report.json").read_text())
     rows = {r["name"]: r for r in report["models"]}
     assert set(rows) == {"teacher", "raw", "kd"} and report["split"] == "validation"
@@ -56,7 +58,8 @@ def test_distillation_lowers_kl_on_tiny_teacher(tokenizer, prompts_file, tmp_pat
     assert main(["distill", "--teacher", t, "--student", str(s), "--data", str(g), "--out", str(d),
                  "--steps", "30", "--batch-size", "3", "--lr", "3e-3", "--set", "split=all", "--set", "alpha=0"]) == 0
     assert main(["eval", "--teacher", t, "--students", str(s), str(d), "--data", str(g), "--out", str(e),
-                 "--set", "decode_tokens=2"]) == 0
+                 "--set", "decode_tokens=2", "--set", "tasks=false", "--set", "stability_prompts=0",
+                 "--set", "speed=false", "--set", "plots=false"]) == 0
     raw, kd = json.loads((e / "report.json").read_text())["models"][1:]
     assert kd["kl"] < 0.5 * raw["kl"]
 
@@ -69,7 +72,8 @@ def test_run_chains_stages_from_one_yaml(tiny_llama_dir, prompts_file, tmp_path)
         "distill": {"teacher": str(tiny_llama_dir), "student": str(tmp_path / "s"), "data": str(tmp_path / "g"),
                     "out": str(tmp_path / "d"), "max_steps": 2},
         "eval": {"teacher": str(tiny_llama_dir), "students": [str(tmp_path / "d")], "data": str(tmp_path / "g"),
-                 "out": str(tmp_path / "e"), "decode_tokens": 2},
+                 "out": str(tmp_path / "e"), "decode_tokens": 2, "tasks": False, "stability_prompts": 0,
+                 "speed": False},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))

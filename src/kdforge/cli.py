@@ -24,6 +24,7 @@ from kdforge.config import (
     read_yaml,
 )
 from kdforge.errors import UserError
+from kdforge.serve.commands import add_serving_parsers, run_serving_command
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -80,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", choices=["slice", "random"], help="fresh: slice teacher weights or random")
     _common(s)
 
-    d = sub.add_parser("distill", help="train the student on teacher answers (online teacher)")
+    d = sub.add_parser("distill", help="train the student on teacher answers (online teacher or a label cache)")
     d.add_argument("--teacher")
+    d.add_argument("--labels", help="a `kdforge label` folder: train from the cache, without loading the teacher")
     d.add_argument("--student")
     d.add_argument("--data", help="a generate output folder or a JSONL file")
     d.add_argument("--out")
@@ -98,7 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data")
     e.add_argument("--out")
     e.add_argument("--limit", type=int)
+    e.add_argument("--task-limit", type=int, dest="task_limit", help="at most N task items of each type")
+    e.add_argument("--lm-eval-tasks", nargs="+", dest="lm_eval_tasks", metavar="TASK",
+                   help="lm-evaluation-harness tasks, e.g. kdforge_qa kdforge_code (needs kdforge[lmeval])")
     _common(e)
+
+    x = sub.add_parser("export", help="write a model as GGUF (llama.cpp/Ollama) and check that it round-trips")
+    x.add_argument("model", nargs="?", help="HF folder, .gguf file or embedded:smollm2-135m-instruct")
+    x.add_argument("--to", choices=["gguf"])
+    x.add_argument("--quant", nargs="+", help="f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 q4_0 (one file each)")
+    x.add_argument("--keep-f16", nargs="+", dest="keep_f16", metavar="TENSOR",
+                   help="GGUF tensor names/globs kept at f16, e.g. token_embd output")
+    x.add_argument("--allow-fallback", action="store_true", default=None, dest="allow_fallback",
+                   help="write tensors whose rows do not divide into blocks as f16 instead of failing")
+    x.add_argument("--pre", help="llama.cpp pre-tokenizer name (default: detected, e.g. smollm, qwen2)")
+    x.add_argument("--no-check", action="store_false", default=None, dest="check", help="skip the round trip")
+    x.add_argument("--out")
+    _common(x)
+
+    qz = sub.add_parser("quantize", help="weight quantisation in PyTorch (torchao int8/int4; bitsandbytes on CUDA)")
+    qz.add_argument("model", nargs="?")
+    qz.add_argument("--method", help="int8, int8-dynamic, int4, int8-int4 (torchao); nf4, bnb-int8 (CUDA)")
+    qz.add_argument("--group-size", type=int, dest="group_size")
+    qz.add_argument("--no-check", action="store_false", default=None, dest="check")
+    qz.add_argument("--out")
+    _common(qz)
 
     r = sub.add_parser("run", help="run the stages of one YAML file in order")
     r.add_argument("config_file", metavar="CONFIG")
@@ -109,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out")
     m.add_argument("--quick", action="store_true", help="a small slice that finishes in a few minutes")
     _common(m)
+
+    add_serving_parsers(sub)  # serve, app, chat
     return parser
 
 
@@ -118,8 +146,10 @@ _FLAGS = {
     "label": ("teacher", "data", "out", "top_k", "hidden_layers", "batch_size"),
     "student": ("teacher", "out", "method", "num_layers", "layers", "hidden_size", "intermediate_size",
                 "num_attention_heads", "num_key_value_heads", "init"),
-    "distill": ("teacher", "student", "data", "out", "max_steps", "batch_size", "lr"),
-    "eval": ("teacher", "students", "names", "data", "out", "limit"),
+    "distill": ("teacher", "labels", "student", "data", "out", "max_steps", "batch_size", "lr"),
+    "eval": ("teacher", "students", "names", "data", "out", "limit", "task_limit", "lm_eval_tasks"),
+    "export": ("model", "to", "quant", "keep_f16", "allow_fallback", "pre", "check", "out"),
+    "quantize": ("model", "method", "group_size", "check", "out"),
     "demo": ("out",),
 }
 
@@ -145,14 +175,24 @@ def _stage_runner(stage: str) -> tuple[type, Callable[..., Any]]:
     if stage == "eval":
         from kdforge.eval.report import run_eval
         return EvalConfig, run_eval
+    if stage in ("export", "quantize"):
+        from kdforge.export.config import ExportConfig, QuantizeConfig
+        from kdforge.export.stage import run_export, run_quantize
+        return (ExportConfig, run_export) if stage == "export" else (QuantizeConfig, run_quantize)
     raise ValueError(stage)
 
 
 def _quiet_transformers() -> None:
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # transformers and lm_eval import torchao when it is installed; on CPU it logs one warning per
+    # optional CUDA library it cannot load, and torch warns about its enum registrations.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             _quiet_transformers()
             from kdforge.demo import run_demo
             run_demo(cfg, quick=args.quick, overwrite=args.overwrite)
+        elif args.command in ("serve", "app", "chat"):
+            return run_serving_command(args)
         elif args.command == "run":
             sections = read_yaml(args.config_file)
             stages = [s for s in ("generate", "label", "student", "distill", "eval") if s in sections]

@@ -212,11 +212,46 @@ class EvalConfig(StageConfig):
     decode_tokens: int = Field(64, gt=0, description="greedy tokens generated to time decoding")
     device: str = "auto"
     trust_remote_code: bool = False
+    # the task set: short answers (normalised exact match) and code (run against tests)
+    tasks: bool = Field(True, description="score every model on the task set")
+    task_file: str = Field("bundled", description="'bundled' (src/kdforge/eval/tasks.jsonl) or a JSONL task file")
+    task_limit: int | None = Field(None, gt=0, description="at most N items of each type (short, code)")
+    task_batch_size: int = Field(16, gt=0, description="prompts per generate call (tasks and lm_eval alike)")
+    task_max_new_tokens: int = Field(32, gt=0, description="answer length cap for short-answer items")
+    code_max_new_tokens: int = Field(128, gt=0, description="answer length cap for code items")
+    code_timeout_s: float = Field(5.0, gt=0, description="wall-clock and CPU limit per code run")
+    code_memory_mb: int = Field(512, ge=64, description="address-space limit per code run")
+    # stability: sampled answers to fixed prompts
+    stability_prompts: int = Field(8, ge=0, description="prompts to sample (0: off)")
+    stability_samples: int = Field(4, ge=2, description="sampled answers per prompt")
+    stability_max_new_tokens: int = Field(48, gt=0)
+    stability_temperature: float = Field(0.7, gt=0)
+    stability_top_p: float = Field(0.9, gt=0, le=1)
+    seed: int = 0
+    # speed and size
+    speed: bool = Field(True, description="time decoding and measure peak memory, one process per model")
+    speed_batch: int = Field(8, gt=1, description="the second batch size timed (the first is 1)")
+    threads: int | None = Field(None, gt=0, description="torch threads for the speed measurement (default: torch's)")
+    # plots and lm-evaluation-harness
+    plots: bool = True
+    distill_logs: list[str] | None = Field(None, description="train_log.jsonl files or distill folders to plot "
+                                           "(default: every student folder that has one)")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval task names; kdforge_qa and "
+                                     "kdforge_code are the task set as local tasks")
+    lm_eval_models: list[str] | None = Field(None, description="display names of the models to run lm-eval on "
+                                             "(default: all)")
+    lm_eval_limit: int | None = Field(None, gt=0, description="lm-eval's limit: first N documents per task")
 
     @model_validator(mode="after")
     def _names_match(self) -> EvalConfig:
         if self.names is not None and len(self.names) != len(self.students):
             raise ValueError(f"names has {len(self.names)} entries but students has {len(self.students)}")
+        shown = ["teacher", *(self.names or [Path(s).name for s in self.students])]
+        if len(set(shown)) != len(shown):
+            raise ValueError(f"model names must be unique, got {shown}; set names")
+        unknown = [m for m in self.lm_eval_models or [] if m not in shown]
+        if unknown:
+            raise ValueError(f"lm_eval_models {unknown} are not among the models {shown}")
         return self
 
 
@@ -236,6 +271,8 @@ class DemoConfig(StageConfig):
     max_length: int = Field(256, gt=8)
     offline: bool = Field(True, description="distil from a soft-label cache (label stage) instead of online")
     top_k: int = Field(64, gt=1)
+    eval_task_limit: int | None = Field(None, gt=0, description="at most N task items of each type in the eval "
+                                        "stage (None: the whole task set)")
 
 
 T = TypeVar("T", bound=StageConfig)

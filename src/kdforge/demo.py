@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kdforge.config import DemoConfig, DistillConfig, EvalConfig, GenerateConfig, LabelConfig, StudentConfig
 
-QUICK = {"train_prompts": 48, "val_prompts": 16, "max_new_tokens": 48, "distill_steps": 30}
+QUICK = {"train_prompts": 48, "val_prompts": 16, "max_new_tokens": 48, "distill_steps": 30, "eval_task_limit": 12}
 
 
 def run_demo(cfg: DemoConfig, quick: bool = False, overwrite: bool = False) -> dict:
@@ -66,7 +66,8 @@ def run_demo(cfg: DemoConfig, quick: bool = False, overwrite: bool = False) -> d
     t = stage("eval", i + 2, "teacher vs students on the validation split")
     report = run_eval(EvalConfig(teacher=cfg.teacher, students=[str(root / "student"), str(root / "distill")],
                                  names=["student (undistilled)", "student (distilled)"], data=str(root / "generate"),
-                                 out=str(root / "eval"), limit=cfg.val_prompts, max_length=cfg.max_length),
+                                 out=str(root / "eval"), limit=cfg.val_prompts, max_length=cfg.max_length,
+                                 task_limit=cfg.eval_task_limit),
                       overwrite=True)
     timings["eval"] = time.time() - t
     print("[demo] stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), flush=True)

@@ -1,7 +1,22 @@
-"""`kdforge eval`: teacher vs students on held-out teacher answers -> report.json + report.md."""
+"""`kdforge eval`: teacher vs students (HF folders or GGUF files) -> report.json, report.md, plots.
+
+Sections, each computed the same way for every model (definitions in docs/evaluation.md):
+1. agreement with the teacher on held-out conversations, overall and per prompt category, with the
+   teacher's entropy per category (eval/agreement.py);
+2. the task set: short answers by normalised exact match, code by running tests in a sandbox
+   (eval/tasks.py, eval/sandbox.py);
+3. stability of sampled answers (eval/stability.py);
+4. speed and size, one process per model (eval/speed.py);
+5. optionally lm-evaluation-harness tasks (eval/lmeval.py);
+6. plots (eval/plots.py).
+report.md is rendered from the same dict that is written as report.json.
+"""
 
 from __future__ import annotations
 
+import gc
+import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -9,13 +24,13 @@ from typing import Any
 from kdforge.artifacts import atomic_dir, atomic_write_json, atomic_write_text, write_config, write_meta
 from kdforge.config import ConfigError, EvalConfig, dump
 from kdforge.data.batching import shared_vocab_size
-from kdforge.data.chat import encode_conversation, encode_prompt
+from kdforge.data.chat import encode_conversation
 from kdforge.data.formats import load_training_data, select_split
-from kdforge.eval.metrics import decode_speed
+from kdforge.eval import markdown
 from kdforge.models.loading import count_parameters, load_model
-from kdforge.scoring import agreement
 
 SPEED_PROMPT = [{"role": "user", "content": "Write a short paragraph about why the sky is blue."}]
+# The summary table: the one `kdforge demo` prints and the README shows.
 COLUMNS = [("name", "model", "{}"), ("params_m", "params (M)", "{:.1f}"), ("nll", "NLL", "{:.4f}"),
            ("kl", "KL(teacher‖model)", "{:.4f}"), ("top1", "top-1 agree", "{:.3f}"),
            ("decode_tokens_per_s", "decode tok/s", "{:.1f}"), ("ttft_ms", "TTFT (ms)", "{:.0f}")]
@@ -23,54 +38,216 @@ COLUMNS = [("name", "model", "{}"), ("params_m", "params (M)", "{:.1f}"), ("nll"
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table; also readable as plain text in a terminal."""
-    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
+    return markdown.table([c[1] for c in COLUMNS],
+                          [[markdown.cell(r.get(key), fmt) for key, _, fmt in COLUMNS] for r in rows])
+
+
+def _model_name(spec: str) -> str:
+    p = Path(spec)
+    return p.stem if p.suffix.lower() == ".gguf" else p.name
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "model"
+
+
+def find_distill_logs(cfg: EvalConfig, names: list[str], specs: list[str]) -> list[tuple[str, Path]]:
+    """(title, train_log.jsonl) pairs: the configured ones, else every student folder that has one."""
+    if cfg.distill_logs is not None:
+        out = []
+        for spec in cfg.distill_logs:
+            p = Path(spec)
+            log = p / "train_log.jsonl" if p.is_dir() else p
+            if not log.is_file():
+                raise ConfigError(f"distill_logs: {log} does not exist "
+                                  "(expected a train_log.jsonl or a distill folder)")
+            out.append((p.name if p.is_dir() else p.parent.name, log))
+        return out
+    return [(n, Path(s) / "train_log.jsonl") for n, s in zip(names, specs)
+            if Path(s).is_dir() and (Path(s) / "train_log.jsonl").is_file()]
 
 
 def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
     t0 = time.time()
+    if Path(cfg.out).exists() and not overwrite:
+        raise FileExistsError(f"{cfg.out} already exists; pass --overwrite to replace it or choose another --out")
+    names = ["teacher"] + (cfg.names or [_model_name(s) for s in cfg.students])
+    specs = [cfg.teacher, *cfg.students]
+    # Everything that can fail cheaply fails before a model is loaded.
+    logs = find_distill_logs(cfg, names, specs) if cfg.plots else []
+    if cfg.lm_eval_tasks:
+        from kdforge.eval.lmeval import require
+
+        require()
+    items = []
+    if cfg.tasks or cfg.lm_eval_tasks:
+        from kdforge.eval.tasks import load_tasks
+
+        items = load_tasks(cfg.task_file, cfg.task_limit)
+    convs = select_split(load_training_data(cfg.data), cfg.split, cfg.limit)
+
     teacher, tok = load_model(cfg.teacher, cfg.device, trust_remote_code=cfg.trust_remote_code)
-    names = ["teacher"] + (cfg.names or [Path(s).name for s in cfg.students])
     models = [teacher]
     for spec in cfg.students:
         m, _ = load_model(spec, cfg.device, trust_remote_code=cfg.trust_remote_code)
         models.append(m)
     vocab = shared_vocab_size(tok, *models)
-    convs = select_split(load_training_data(cfg.data), cfg.split, cfg.limit)
-    data = [e for e in (encode_conversation(tok, c.messages, cfg.max_length) for c in convs if c.has_answer)
-            if e.num_targets > 0]
-    if not data:
+    pairs = [(c, encode_conversation(tok, c.messages, cfg.max_length)) for c in convs if c.has_answer]
+    pairs = [(c, e) for c, e in pairs if e.num_targets > 0]
+    if not pairs:
         raise ConfigError(f"{cfg.data}: no conversations with answers in split '{cfg.split}'")
-    quality = agreement(teacher, models, data, tok.pad_token_id, vocab, cfg.batch_size)
-    prompt_ids = encode_prompt(tok, SPEED_PROMPT)
-    rows = []
-    for name, spec, m, q in zip(names, [cfg.teacher, *cfg.students], models, quality):
-        speed = decode_speed(m, tok, prompt_ids, cfg.decode_tokens)
+
+    timings: dict[str, float] = {"load": time.time() - t0}
+    mark = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        timings[name] = time.time() - mark
+        mark = time.time()
+
+    # 1. agreement, overall and per category
+    from kdforge.eval.agreement import agreement_by_category
+
+    print(f"[eval] agreement: {len(pairs)} conversations, {len(models)} models", flush=True)
+    agree = agreement_by_category(teacher, models, [e for _, e in pairs], [c.category for c, _ in pairs],
+                                  tok.pad_token_id, vocab, cfg.batch_size)
+    rows: list[dict[str, Any]] = []
+    for name, spec, m, q in zip(names, specs, models, agree["models"]):
         rows.append({"name": name, "path": spec, "params_m": count_parameters(m) / 1e6,
-                     "nll": q["nll"], "kl": q["kl"], "top1": q["top1"],
-                     "decode_tokens_per_s": speed["decode_tokens_per_s"], "ttft_ms": speed["ttft_s"] * 1000})
-    report = {"data": cfg.data, "split": cfg.split, "examples": len(data), "target_tokens": quality[0]["tokens"],
-              "threads": decode_threads(), "decode_tokens": cfg.decode_tokens, "models": rows}
+                     "nll": q["nll"], "kl": q["kl"], "top1": q["top1"], "by_category": q["by_category"]})
+
+    lap("agreement")
+
+    # 2. tasks
+    extra: dict[str, Any] = {}
+    task_answers: list[dict[str, Any]] = []
+    if cfg.tasks:
+        from kdforge.eval.tasks import chance_level, run_tasks
+
+        extra["tasks"] = {"file": cfg.task_file, "items": len(items), "chance": chance_level(items),
+                          "short_items": sum(it.type == "short" for it in items),
+                          "code_items": sum(it.type == "code" for it in items)}
+        for row, m in zip(rows, models):
+            print(f"[eval] tasks: {row['name']} ({len(items)} items)", flush=True)
+            res = run_tasks(m, tok, items, cfg.task_batch_size, cfg.task_max_new_tokens, cfg.code_max_new_tokens,
+                            cfg.code_timeout_s, cfg.code_memory_mb)
+            row["tasks"] = res["summary"]
+            task_answers += [{"model": row["name"], **r} for r in res["items"]]
+
+        lap("tasks")
+
+    # 3. stability
+    stab_answers: list[dict[str, Any]] = []
+    if cfg.stability_prompts:
+        from kdforge.eval.generation import Sampling, generate_texts
+        from kdforge.eval.stability import pick_prompts, stability
+
+        prompts = pick_prompts([c for c, _ in pairs], cfg.stability_prompts)
+        sampling = Sampling(cfg.stability_temperature, cfg.stability_top_p, cfg.seed)
+        extra["stability"] = {"prompts": [p["id"] for p in prompts], "samples": cfg.stability_samples,
+                              "temperature": cfg.stability_temperature, "top_p": cfg.stability_top_p,
+                              "max_new_tokens": cfg.stability_max_new_tokens, "seed": cfg.seed}
+        for row, m in zip(rows, models):
+            print(f"[eval] stability: {row['name']}", flush=True)
+            answers = generate_texts(m, tok, [p["prompt"] for p in prompts], cfg.stability_max_new_tokens,
+                                     cfg.task_batch_size, sampling, cfg.stability_samples)
+            s = stability(answers, tok)
+            row["stability"] = {"divergence": s["divergence"], "distinct": s["distinct"]}
+            stab_answers += [{"model": row["name"], "prompt_id": p["id"], "answers": a, "divergence": d}
+                             for p, a, d in zip(prompts, answers, s["per_prompt_divergence"])]
+
+        lap("stability")
+
+    # 5. lm-evaluation-harness (before the models are freed)
+    if cfg.lm_eval_tasks:
+        from kdforge.eval.lmeval import LOCAL_TASKS, run_lm_eval
+
+        extra["lm_eval"] = {"tasks": cfg.lm_eval_tasks, "limit": cfg.lm_eval_limit}
+        chosen = set(cfg.lm_eval_models or names)
+        for row, m in zip(rows, models):
+            if row["name"] not in chosen:
+                continue
+            print(f"[eval] lm_eval: {row['name']} on {', '.join(cfg.lm_eval_tasks)}", flush=True)
+            res = run_lm_eval(m, tok, cfg.lm_eval_tasks, items, cfg.task_batch_size, cfg.task_max_new_tokens,
+                              cfg.code_max_new_tokens, cfg.lm_eval_limit, cfg.code_timeout_s, cfg.code_memory_mb)
+            row["lm_eval"] = {}
+            for task, r in res.items():
+                entry: dict[str, Any] = {"metrics": r["metrics"]}
+                if task in LOCAL_TASKS and cfg.tasks:
+                    # kdforge's score on the very items lm-eval ran, and how many answers match exactly.
+                    ours = {a["id"]: a for a in task_answers if a["model"] == row["name"]}
+                    done = [s for s in r["samples"] if s["id"] in ours]
+                    entry["kdforge_score"] = sum(ours[s["id"]]["score"] for s in done) / max(len(done), 1)
+                    entry["same_answers"] = sum(s["response"].strip() == ours[s["id"]]["answer"] for s in done)
+                    entry["items"] = len(done)
+                row["lm_eval"][task] = entry
+
+        lap("lm_eval")
+
+    # 4. speed and size, each model in its own process (free ours first: less memory pressure)
+    del models, teacher
+    gc.collect()
+    from kdforge.eval.speed import bytes_on_disk, measure_models
+
+    for row in rows:
+        disk = bytes_on_disk(row["path"])
+        row["size"] = {"params": round(row["params_m"] * 1e6), "disk_bytes": disk, "disk_mb": disk / 2**20}
+    threads = cfg.threads
+    if cfg.speed:
+        print(f"[eval] speed: {len(rows)} models, batch 1 and {cfg.speed_batch}", flush=True)
+        speeds = measure_models(specs, SPEED_PROMPT, cfg.decode_tokens, cfg.speed_batch, cfg.threads, cfg.device,
+                                cfg.trust_remote_code)
+        for row, sp in zip(rows, speeds):
+            row["speed"] = {k: sp[k] for k in ("ttft_ms_b1", "decode_tokens_per_s_b1", "ttft_ms_bn",
+                                               "decode_tokens_per_s_bn", "peak_rss_mb", "rss_start_mb", "threads")}
+            row["decode_tokens_per_s"] = sp["decode_tokens_per_s_b1"]
+            row["ttft_ms"] = sp["ttft_ms_b1"]
+        threads = speeds[0]["threads"]
+        lap("speed")
+    else:
+        for row in rows:
+            row["decode_tokens_per_s"] = row["ttft_ms"] = None
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+
+    ranking = sorted(rows, key=lambda r: r["kl"])
+    for i, r in enumerate(ranking, 1):
+        r["rank"] = i
+    report = {"data": cfg.data, "split": cfg.split, "examples": len(pairs),
+              "target_tokens": agree["models"][0]["tokens"], "threads": threads, "decode_tokens": cfg.decode_tokens,
+              "speed_batch": cfg.speed_batch if cfg.speed else None,
+              "ranking": {"by": "kl", "order": [r["name"] for r in ranking]},
+              "categories": agree["categories"], **extra, "models": rows, "plots": {}, "timings_s": timings}
+
     table = format_table(rows)
-    md = (f"# kdforge eval\n\nData: `{cfg.data}` (split `{cfg.split}`): {len(data)} conversations, "
-          f"{report['target_tokens']} teacher-answer tokens.\n\n{table}\n\n"
-          "NLL: mean negative log-likelihood of the teacher's answer tokens. KL: mean forward "
-          "KL(teacher‖model) per answer token at T=1. Top-1: share of answer positions where the model's "
-          f"most likely next token is the teacher's. Decoding: greedy, batch 1, {cfg.decode_tokens} new tokens, "
-          f"{report['threads']} threads; TTFT includes the prompt's prefill.\n")
     with atomic_dir(cfg.out, overwrite=overwrite) as tmp:
+        if cfg.plots:
+            from kdforge.eval import plots
+
+            for title, log in logs:
+                f = f"training_{_slug(title)}.png"
+                plots.plot_training(plots.read_train_log(log), tmp / f, f"distillation: {title} ({log})")
+                report["plots"].setdefault("training", []).append({"title": title, "log": str(log), "file": f})
+            plots.plot_quality_vs_size(rows, tmp / "quality_vs_size.png")
+            report["plots"]["quality_vs_size"] = "quality_vs_size.png"
+            if cfg.speed:
+                plots.plot_quality_vs_speed(rows, tmp / "quality_vs_speed.png")
+                report["plots"]["quality_vs_speed"] = "quality_vs_speed.png"
+            lap("plots")
         write_config(tmp, dump(cfg))
         atomic_write_json(tmp / "report.json", report)
-        atomic_write_text(tmp / "report.md", md)
+        atomic_write_text(tmp / "report.md", markdown.render(report, table))
+        if task_answers:
+            atomic_write_text(tmp / "task_answers.jsonl",
+                              "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in task_answers))
+        if stab_answers:
+            atomic_write_text(tmp / "stability_answers.jsonl",
+                              "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in stab_answers))
         write_meta(tmp, "eval", {"data": cfg.data, **{f"model{i}": s for i, s in enumerate(cfg.students)}},
                    {r["name"]: {k: r[k] for k in ("nll", "kl", "top1")} for r in rows}, time.time() - t0)
     print(table, flush=True)
+    if cfg.tasks:
+        print(markdown.tasks_table(report), flush=True)
     return report
-
-
-def decode_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()

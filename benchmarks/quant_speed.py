@@ -1,0 +1,104 @@
+"""Size, batch-1 decode speed and quality of quantised variants of one model, against its fp32 self.
+
+Prints one JSON line per variant: fp32 (PyTorch), torchao int8 / int4 weight-only (PyTorch, loaded
+back from the saved folder), and, when llama-cpp-python is installed, the GGUF F16 / Q8_0 / Q4_0
+files written by `kdforge export`, run by llama.cpp. Each line has bytes on disk, greedy batch-1
+decode tokens/s with the thread count, NLL / KL(fp32 ‖ variant) / top-1 agreement with fp32 on the
+fp32 model's own greedy answers to 16 validation prompts (the round trip's "answers" set; top-1 on the
+prompt text itself is `top1_prompt_text`), and ratios to fp32.
+
+PyTorch variants are timed with kdforge.eval.metrics.decode_speed (transformers `generate`),
+llama.cpp ones with kdforge.export.llamacpp.LlamaCppModel.decode_speed (same protocol: warm-up,
+time to first token, then decode tokens/s after it, best of 2).
+Usage: python benchmarks/quant_speed.py [--model embedded:smollm2-135m-instruct] [--new-tokens 64]
+       [--prompts 16] [--threads N] [--methods int8 int4] [--gguf f16 q8_0 q4_0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kdforge.data.chat import encode_prompt
+from kdforge.eval.metrics import decode_speed
+from kdforge.eval.report import SPEED_PROMPT
+from kdforge.export.gguf_writer import write_gguf
+from kdforge.export.llamacpp import LlamaCppModel, llama_cpp_available
+from kdforge.export.roundtrip import logits_agreement, source_logits, torch_logits, validation_sets
+from kdforge.export.torch_quant import folder_bytes, load_quantized, quiet_torchao, reload_quantized, save_quantized
+from kdforge.models.loading import load_model, resolve_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=16, help="validation prompts for NLL/KL/top-1")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--methods", nargs="*", default=["int8", "int4"], help="torchao methods")
+    ap.add_argument("--gguf", nargs="*", default=["f16", "q8_0", "q4_0"], help="GGUF types run by llama.cpp")
+    args = ap.parse_args()
+    quiet_torchao()
+    torch.set_num_threads(args.threads)
+
+    model, tok = load_model(args.model, device="cpu", dtype="float32")
+    sets = validation_sets(model, tok, args.prompts)
+    ref = source_logits(model, sets)  # fp32 logits per set and sequence, (T, V) each
+    vocab = len(tok)
+    prompt = encode_prompt(tok, SPEED_PROMPT)
+    src = resolve_model(args.model)
+    fp32_bytes = folder_bytes(src.folder) if not src.gguf_file else sum(
+        p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values())
+    base: dict = {}
+
+    def emit(variant: str, runtime: str, nbytes: int, speed: dict, logits: dict[str, list[torch.Tensor]], **extra):
+        q = logits_agreement(ref["answers"], logits["answers"], sets["answers"], vocab)
+        q_prompt = logits_agreement(ref["prompt_text"], logits["prompt_text"], sets["prompt_text"], vocab)
+        row = {"variant": variant, "runtime": runtime, "bytes": nbytes,
+               "decode_tokens_per_s": round(speed["decode_tokens_per_s"], 2),
+               "ttft_ms": round(speed["ttft_s"] * 1000, 1), "threads": speed["threads"],
+               "new_tokens": args.new_tokens}
+        row |= {"nll": round(q["nll"], 4), "nll_delta": round(q["nll_delta"], 4), "kl": round(q["kl"], 5),
+                "top1": round(q["top1"], 4), "max_abs_diff": round(q["max_abs_diff"], 4), "tokens": q["tokens"],
+                "top1_prompt_text": round(q_prompt["top1"], 4)}
+        if not base:
+            base.update(bytes=nbytes, tps=speed["decode_tokens_per_s"])
+        row |= {"bytes_ratio": round(nbytes / base["bytes"], 3),
+                "speed_ratio": round(speed["decode_tokens_per_s"] / base["tps"], 3), "model": args.model, **extra}
+        print(json.dumps(row), flush=True)
+
+    emit("fp32", "pytorch", fp32_bytes, decode_speed(model, tok, prompt, args.new_tokens), ref)
+
+    with tempfile.TemporaryDirectory(prefix="kdforge-quant-bench-") as root:
+        for method in args.methods:
+            qmodel, _ = load_quantized(args.model, method, device="cpu")
+            save_quantized(qmodel, tok, Path(root) / method)
+            del qmodel
+            qmodel = reload_quantized(Path(root) / method, device="cpu")  # measure what was saved
+            emit(f"torchao-{method}", "pytorch", folder_bytes(Path(root) / method),
+                 decode_speed(qmodel, tok, prompt, args.new_tokens),
+                 {k: torch_logits(qmodel, v) for k, v in sets.items()})
+            del qmodel
+
+        for quant in args.gguf:
+            path = Path(root) / f"model-{quant}.gguf"
+            write_gguf(model, tok, path, quant)
+            if not llama_cpp_available():
+                print(json.dumps({"variant": f"gguf-{quant}", "runtime": "llama.cpp", "bytes": path.stat().st_size,
+                                  "skipped": "llama-cpp-python is not installed (pip install 'kdforge[llamacpp]')"}))
+                continue
+            lm = LlamaCppModel(path, n_threads=args.threads, logits_all=True)
+            logits = {k: [torch.from_numpy(lm.logits(e.input_ids)) for e in v] for k, v in sets.items()}
+            lm.close()
+            lm = LlamaCppModel(path, n_threads=args.threads)  # logits_all off: decode computes one row
+            speed = lm.decode_speed(prompt, args.new_tokens)
+            lm.close()
+            emit(f"gguf-{quant}", "llama.cpp", path.stat().st_size, speed, logits)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""`kdforge export` and `kdforge quantize`: one artifact folder each, with a round-trip report.
+
+export/   model-<quant>.gguf (one per --quant), report.json (per file: size, tensor types, logits and
+          tokenizer round trip), config.yaml, meta.json.
+quantize/ an HF folder (model.safetensors with the quantization_config in config.json, tokenizer),
+          report.json (reload check, agreement with the source, decode speed), config.yaml, meta.json.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from kdforge.artifacts import atomic_dir, atomic_write_json, write_config, write_meta
+from kdforge.config import dump
+from kdforge.export.config import ExportConfig, QuantizeConfig
+from kdforge.export.torch_quant import quiet_torchao
+
+# Thresholds the round trip is judged by (reported as ok/not ok; the file is written either way).
+TOP1_EXPECTED = {"f32": 1.0, "f16": 1.0, "bf16": 1.0, "q8_0": 0.99}
+
+
+def _judge(quant: str, rt: dict[str, Any]) -> list[str]:
+    """Problems found by a round trip, as sentences (empty when all is well)."""
+    problems = []
+    hf = rt["transformers"]["answers"]
+    want = TOP1_EXPECTED.get(quant)
+    if want is not None and hf["top1"] < want:
+        problems.append(f"{quant}: top-1 agreement on the source's answers {hf['top1']:.4f} < {want}")
+    if not rt["tokenizer"]["match"]:
+        problems.append(f"{quant}: tokenizer read back from the file gives different ids: {rt['tokenizer']}")
+    cpp = rt.get("llama_cpp", {})
+    if "tokenizer" in cpp and not cpp["tokenizer"]["match"]:
+        problems.append(f"{quant}: llama.cpp tokenizes differently from the source: {cpp['tokenizer']}")
+    if "logits" in cpp and want is not None and cpp["logits"]["answers"]["top1"] < min(want, 0.99):
+        problems.append(f"{quant}: llama.cpp top-1 agreement on the source's answers "
+                        f"{cpp['logits']['answers']['top1']:.4f} < {min(want, 0.99)}")
+    return problems
+
+
+def _metrics(rt: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of a round trip (meta.json): transformers on the source's answers."""
+    hf = rt["transformers"]["answers"]
+    out = {"max_abs_diff": hf["max_abs_diff"], "top1": hf["top1"], "nll_delta": hf["nll_delta"], "kl": hf["kl"],
+           "top1_prompt_text": rt["transformers"]["prompt_text"]["top1"],
+           "tokenizer_match": rt["tokenizer"]["match"]}
+    cpp = rt.get("llama_cpp", {})
+    if "logits" in cpp:
+        out |= {"llama_cpp_top1": cpp["logits"]["answers"]["top1"],
+                "llama_cpp_max_abs_diff": cpp["logits"]["answers"]["max_abs_diff"],
+                "llama_cpp_nll_delta": cpp["logits"]["answers"]["nll_delta"],
+                "llama_cpp_tokenizer_match": cpp["tokenizer"]["match"]}
+    return out
+
+
+def _summary_line(rt: dict[str, Any]) -> str:
+    m = _metrics(rt)
+    line = (f", answers: max|Δlogit| {m['max_abs_diff']:.4g}, top-1 {m['top1']:.4f}, ΔNLL {m['nll_delta']:+.4f}"
+            f" (prompt text top-1 {m['top1_prompt_text']:.4f}); tokenizer "
+            f"{'match' if m['tokenizer_match'] else 'MISMATCH'}")
+    if "llama_cpp_top1" in m:
+        line += (f"; llama.cpp: top-1 {m['llama_cpp_top1']:.4f}, max|Δlogit| {m['llama_cpp_max_abs_diff']:.4g}, "
+                 f"tokenizer {'match' if m['llama_cpp_tokenizer_match'] else 'MISMATCH'}")
+    return line
+
+
+def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
+    from kdforge.export.gguf_writer import check_supported, write_gguf
+    from kdforge.export.roundtrip import gguf_roundtrip, source_logits, validation_sets
+    from kdforge.models.loading import load_model
+
+    quiet_torchao()
+    t0 = time.time()
+    model, tok = load_model(cfg.model, device="cpu", dtype="float32", trust_remote_code=cfg.trust_remote_code)
+    check_supported(model.config, type(model).__name__)  # fail before creating the output folder
+    name = Path(cfg.model).name if not cfg.model.startswith("embedded:") else cfg.model.split(":", 1)[1]
+    sets = validation_sets(model, tok, cfg.check_prompts) if cfg.check else {}
+    ref = source_logits(model, sets) if cfg.check else None  # the source's logits, computed once
+    files: dict[str, Any] = {}
+    problems: list[str] = []
+    with atomic_dir(cfg.out, overwrite=overwrite) as tmp:
+        write_config(tmp, dump(cfg))
+        for quant in cfg.quant:
+            fname = f"model-{quant}.gguf"
+            t1 = time.time()
+            summary = write_gguf(model, tok, tmp / fname, quant, cfg.keep_f16, cfg.allow_fallback, cfg.pre, name)
+            summary["path"] = fname
+            summary["write_s"] = round(time.time() - t1, 2)
+            if cfg.check:
+                rt = gguf_roundtrip(model, tok, tmp / fname, sets, ref)
+                summary["roundtrip"] = rt
+                problems += _judge(quant, rt)
+            files[quant] = summary
+            print(f"[kdforge] export {fname}: {summary['bytes'] / 1e6:.1f} MB" + (
+                _summary_line(summary["roundtrip"]) if cfg.check else ""), flush=True)
+        report = {"model": cfg.model, "files": files, "problems": problems}
+        atomic_write_json(tmp / "report.json", report)
+        metrics = {q: {"bytes": s["bytes"]} | (_metrics(s["roundtrip"]) if cfg.check else {})
+                   for q, s in files.items()}
+        write_meta(tmp, "export", {"model": cfg.model}, metrics, time.time() - t0,
+                   extra={"files": {q: s["path"] for q, s in files.items()}})
+    for p in problems:
+        print(f"[kdforge] WARNING: {p}", flush=True)
+    return {q: m for q, m in metrics.items()}
+
+
+def run_quantize(cfg: QuantizeConfig, overwrite: bool = False) -> dict[str, Any]:
+    from kdforge.data.chat import encode_prompt
+    from kdforge.eval.metrics import decode_speed
+    from kdforge.eval.report import SPEED_PROMPT
+    from kdforge.export.roundtrip import model_report, validation_sets
+    from kdforge.export.torch_quant import folder_bytes, load_quantized, reload_quantized, save_quantized
+    from kdforge.models.loading import load_model, resolve_model
+
+    quiet_torchao()
+    t0 = time.time()
+    qmodel, tok = load_quantized(cfg.model, cfg.method, cfg.group_size, cfg.device, cfg.trust_remote_code)
+    report: dict[str, Any] = {"model": cfg.model, "method": cfg.method}
+    with atomic_dir(cfg.out, overwrite=overwrite) as tmp:
+        write_config(tmp, dump(cfg))
+        save_quantized(qmodel, tok, tmp)
+        report["bytes"] = folder_bytes(tmp)
+        src = resolve_model(cfg.model)
+        if not src.gguf_file:
+            report["source_bytes"] = folder_bytes(src.folder)
+        if cfg.check:
+            source, _ = load_model(cfg.model, cfg.device, dtype="float32" if cfg.method not in ("nf4", "bnb-int8")
+                                   else "auto", trust_remote_code=cfg.trust_remote_code)
+            sets = validation_sets(source, tok, cfg.check_prompts)
+            reloaded = reload_quantized(tmp, cfg.device)
+            # The saved folder must compute exactly what the in-memory quantised model computes.
+            report["reload"] = model_report(qmodel, reloaded, sets, len(tok))["answers"]
+            del reloaded
+            report["agreement"] = model_report(source, qmodel, sets, len(tok))
+            prompt = encode_prompt(tok, SPEED_PROMPT)
+            report["decode"] = {"quantized": decode_speed(qmodel, tok, prompt, cfg.decode_tokens),
+                                "source": decode_speed(source, tok, prompt, cfg.decode_tokens)}
+            del source
+        atomic_write_json(tmp / "report.json", report)
+        metrics = {"bytes": report["bytes"]}
+        if cfg.check:
+            ans = report["agreement"]["answers"]
+            metrics |= {"top1": ans["top1"], "nll_delta": ans["nll_delta"], "kl": ans["kl"],
+                        "top1_prompt_text": report["agreement"]["prompt_text"]["top1"],
+                        "reload_max_abs_diff": report["reload"]["max_abs_diff"],
+                        "decode_tokens_per_s": report["decode"]["quantized"]["decode_tokens_per_s"],
+                        "source_decode_tokens_per_s": report["decode"]["source"]["decode_tokens_per_s"]}
+        write_meta(tmp, "quantize", {"model": cfg.model}, metrics, time.time() - t0)
+    return metrics

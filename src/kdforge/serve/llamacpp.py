@@ -1,0 +1,111 @@
+"""GGUF files through llama.cpp (``pip install llama-cpp-python``), imported only when used.
+
+llama.cpp runs the forward passes on its quantized weights; everything else is shared with the
+transformers engine: the HF tokenizer read from the same GGUF file renders the chat template and
+detokenizes, and sampling uses :func:`kdforge.serve.sampling.sample_token` on llama.cpp's logits,
+so seeds and parameters mean the same on both backends. llama-cpp-python's high-level ``Llama``
+object holds one sequence, so this engine runs requests one at a time (first come, first served);
+it keeps the previous request's KV cache and re-evaluates only the part of a new prompt that
+differs (a multi-turn chat re-reads only the newest turn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from kdforge.models.loading import ModelLoadError, end_of_turn_ids, load_tokenizer, resolve_model
+from kdforge.serve.engine import BaseEngine, Sequence
+from kdforge.serve.sampling import sample_token
+
+
+class LlamaCppEngine(BaseEngine):
+    backend = "llama.cpp"
+
+    def __init__(self, llm, tokenizer, eot_ids: list[int], max_tokens_cap: int | None = None,
+                 read_logits: Callable[[], np.ndarray] | None = None):
+        super().__init__(tokenizer, eot_ids, int(llm.n_ctx()), max_batch=1, max_tokens_cap=max_tokens_cap)
+        self.llm = llm
+        self._n_vocab = int(llm.n_vocab())
+        self._vocab = min(len(tokenizer), self._n_vocab)
+        self._read_logits = read_logits or self._llama_logits
+        self._current: Sequence | None = None
+
+    @classmethod
+    def from_gguf(cls, spec: str, max_model_len: int | None = None, max_tokens_cap: int | None = None,
+                  n_threads: int | None = None) -> LlamaCppEngine:
+        try:
+            from llama_cpp import Llama
+        except ImportError as e:
+            raise ModelLoadError("the llama.cpp backend needs `pip install llama-cpp-python`") from e
+        src = resolve_model(spec)
+        if not src.gguf_file:
+            raise ModelLoadError(f"{src.display} is not a GGUF file; the llama.cpp backend reads .gguf files only")
+        path = str(src.folder / src.gguf_file)
+        llm = Llama(model_path=path, n_ctx=max_model_len or 0, n_threads=n_threads, verbose=False)
+        tok = load_tokenizer(spec)
+        return cls(llm, tok, end_of_turn_ids(tok), max_tokens_cap=max_tokens_cap)
+
+    @property
+    def num_active(self) -> int:
+        return 1 if self._current is not None else 0
+
+    def _llama_logits(self) -> np.ndarray:
+        # llama-cpp-python >= 0.3 keeps no logits in ``Llama.scores`` unless logits_all=True (an
+        # (n_ctx, V) array: 1.6 GB for SmolLM2's 8k context), so read the last row from the context.
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    def _logits(self) -> torch.Tensor:
+        """(V,) fp32 logits after the last evaluated token (copied: llama.cpp reuses its buffer)."""
+        row = np.asarray(self._read_logits(), dtype=np.float32)
+        return torch.from_numpy(row[: self._vocab].copy())
+
+    def _prefill(self, prompt: list[int]) -> None:
+        # Reuse the cached prefix the new prompt shares with what llama.cpp holds; evaluate the rest
+        # (at least the last prompt token, whose logits give the first answer token).
+        held = list(self.llm.input_ids[: self.llm.n_tokens])
+        common = 0
+        for a, b in zip(held, prompt[:-1]):
+            if a != b:
+                break
+            common += 1
+        if common == 0:
+            self.llm.reset()
+        else:
+            self.llm.n_tokens = common  # eval() drops the KV entries from here on before appending
+        self.llm.eval(prompt[common:])
+        self.stats.prompt_tokens += len(prompt) - common
+
+    def _fail_all(self, message: str) -> None:
+        if self._current is not None:
+            self._current.finish("error", error=message)
+            self._current = None
+        self.llm.reset()
+        super()._fail_all(message)
+
+    def _step(self) -> None:
+        self._drop_cancelled_waiting()
+        seq = self._current
+        if seq is not None and seq.handle.cancelled:
+            self._cancelled(seq)
+            self._current = seq = None
+        if seq is None:
+            if not self._waiting:
+                return
+            seq = self._waiting.popleft()
+            self._prefill(seq.prompt_ids)
+        else:
+            self.llm.eval([seq.last_token])
+            seq.position += 1
+            self.stats.decode_steps += 1
+            self.stats.batch_sizes[1] += 1
+            self.stats.max_active = 1
+        self._current = seq
+        if seq.accept(sample_token(self._logits(), seq.params, seq.generator)):
+            self._done(seq)
+            self._current = None
