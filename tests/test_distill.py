@@ -15,7 +15,7 @@ from kdforge.distill.losses import kd_terms
 from kdforge.distill.schedules import Progress, Schedule, as_schedule
 from kdforge.distill.teacher_source import LiveTeacher
 from kdforge.distill.trainer import Distiller, encode_dataset, run_distill
-from kdforge.models.forward import target_logits
+from kdforge.models.forward import pack_rows, target_hidden, target_logits
 from kdforge.models.student import build_layer_student
 
 from .conftest import make_tiny
@@ -65,6 +65,40 @@ def test_batch8_equals_batch1_times_accumulation8(tokenizer, tmp_path):
         d.step([collate(chunk, tokenizer.pad_token_id) for chunk in split], Progress(0, 10, 5))
         grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("pack_length", [8, 40, 4096])
+def test_packed_rows_equal_the_padded_batch(tokenizer, arch, pack_length):
+    """Packing (block-diagonal attention, positions restarting) gives the padded batch's hidden states at
+    the same targets in the same order, and the same gradients, whatever the row length."""
+    teacher = make_tiny(arch, len(tokenizer), seed=1)
+    student = make_tiny(arch, len(tokenizer), seed=2, layers=1)
+    data, _ = encode_dataset(tokenizer, [Conversation(f"c{i}", m) for i, m in enumerate(CONVS)], 64)
+    batch = collate(data, tokenizer.pad_token_id)
+    lengths = batch["attention_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 1  # the padded batch really has padding
+    p = pack_rows(batch["input_ids"], batch["attention_mask"], batch["labels"], pack_length)
+    real = batch["input_ids"][batch["attention_mask"].bool()]
+    assert torch.equal(p["input_ids"][p["real"]], real)  # every real token once, in order
+    assert p["input_ids"].shape[1] <= max(pack_length, int(lengths.max()))
+    with torch.no_grad():
+        h_pad, t_pad = target_hidden(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        h_pack, t_pack = target_hidden(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                       pack_length)
+    assert torch.equal(t_pad, t_pack)
+    torch.testing.assert_close(h_pack, h_pad, rtol=1e-4, atol=1e-5)
+    grads, losses = [], []
+    for pack in (False, True):
+        cfg = DistillConfig(teacher="t", student="s", data="d", temperature=2.0, alpha=0.3, pack=pack,
+                            pack_length=max(pack_length, 9))
+        student.zero_grad()
+        r = Distiller(cfg, LiveTeacher(teacher, len(tokenizer)), student, len(tokenizer), {}, None).step(
+            [batch], Progress(0, 10, 5))
+        losses.append(r["loss"])
+        grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss", ["forward_kl", "jsd"])

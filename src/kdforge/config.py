@@ -157,6 +157,9 @@ class DistillConfig(StageConfig):
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(256, gt=8)
     gradient_checkpointing: bool = False
+    pack: bool = Field(True, description="lay a micro-batch's conversations end to end (block-diagonal attention) "
+                       "instead of padding them; off while hidden/attention alignment is on")
+    pack_length: int = Field(512, gt=8, description="tokens per packed row (a longer conversation gets its own row)")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     category_weights: dict[str, float] = Field(default_factory=dict)
     # bookkeeping

@@ -11,7 +11,7 @@ import torch
 from kdforge.data.batching import collate
 from kdforge.data.chat import EncodedConversation
 from kdforge.distill.losses import divergence, hard_ce
-from kdforge.models.forward import target_logits
+from kdforge.models.forward import DEFAULT_PACK_LENGTH, target_logits
 
 
 @torch.inference_mode()
@@ -27,12 +27,13 @@ def agreement(teacher, models: list, data: list[EncodedConversation], pad_id: in
     device = next(teacher.parameters()).device
     for i in range(0, len(data), batch_size):
         b = {k: v.to(device) for k, v in collate(data[i:i + batch_size], pad_id).items()}
-        t_logits, targets = target_logits(teacher, b["input_ids"], b["attention_mask"], b["labels"], vocab)  # (N, V)
+        t_logits, targets = target_logits(teacher, b["input_ids"], b["attention_mask"], b["labels"], vocab,
+                                           DEFAULT_PACK_LENGTH)  # (N, V)
         t_top = t_logits.argmax(-1)
         n_total += targets.numel()
         for s, m in zip(sums, models):
             logits = t_logits if m is teacher else target_logits(
-                m, b["input_ids"], b["attention_mask"], b["labels"], vocab)[0]
+                m, b["input_ids"], b["attention_mask"], b["labels"], vocab, DEFAULT_PACK_LENGTH)[0]
             s["nll"] += float(hard_ce(logits, targets).sum())
             s["kl"] += float(divergence(logits, t_logits, "forward_kl", chunk_size=1024).sum())
             s["top1"] += float((logits.argmax(-1) == t_top).sum())

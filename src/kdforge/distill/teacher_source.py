@@ -32,11 +32,13 @@ class LiveTeacher:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor], logits: bool, layers: list[int], hidden: bool,
-                 attention: bool) -> TeacherOutput:
+                 attention: bool, pack_length: int | None = None) -> TeacherOutput:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        # Captured layer outputs must keep the padded (B, T) layout of the student's: no packing then.
+        pack_length = pack_length if not layers else None
         with capture(self.model, layers, hidden, attention) as store:
             if logits:
-                signal, _ = target_logits(self.model, ids, mask, labels, self.vocab)  # (N, V)
+                signal, _ = target_logits(self.model, ids, mask, labels, self.vocab, pack_length)  # (N, V)
             else:
                 signal = None
                 if hidden or attention:
@@ -54,7 +56,8 @@ class CachedTeacher:
         self.hidden_size = m.get("teacher_hidden_size")
 
     def __call__(self, batch: dict[str, torch.Tensor], logits: bool, layers: list[int], hidden: bool,
-                 attention: bool) -> TeacherOutput:
+                 attention: bool, pack_length: int | None = None) -> TeacherOutput:
+        # pack_length is the live teacher's concern: cached targets are stored conversation by conversation.
         if attention:
             raise CacheError("attention-map alignment needs a live teacher: the cache holds no attention maps")
         rows = batch["rows"].tolist()

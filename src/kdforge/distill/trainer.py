@@ -105,6 +105,8 @@ class Distiller:
         hid, att = w["hidden_weight"] > 0, w["attention_weight"] > 0
         s_layers = sorted(self.layer_map) if (hid or att) else []
         t_layers = sorted(set(self.layer_map[i] for i in s_layers))
+        # Alignment losses compare layer outputs position by position in the padded layout: no packing then.
+        pack = c.pack_length if c.pack and not s_layers else None
         # alpha = 1 is plain CE on the data: the teacher's logits are not needed.
         need_logits = use_kd and w["alpha"] < 1
         sums = {"loss": 0.0, "ce": 0.0, "soft": 0.0, "hidden": 0.0, "attention": 0.0}
@@ -113,10 +115,10 @@ class Distiller:
             b = {k: v.to(device) for k, v in b.items()}
             ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
             with self.autocast or contextlib.nullcontext():
-                t_out = self.teacher(b, need_logits, t_layers, hid, att)
+                t_out = self.teacher(b, need_logits, t_layers, hid, att, pack)
                 with capture(self.student, s_layers, hid, att) as s_store:
                     if use_kd:
-                        s_hidden, targets = target_hidden(self.student, ids, mask, labels)  # (N, H), (N,)
+                        s_hidden, targets = target_hidden(self.student, ids, mask, labels, pack)  # (N, H), (N,)
                     else:
                         self.student.get_decoder()(input_ids=ids, attention_mask=mask)
             loss = torch.zeros((), device=device)
@@ -154,9 +156,10 @@ class Distiller:
         device = next(self.student.parameters()).device
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
-            t_out = self.teacher(b, True, [], False, False)
+            pack = self.cfg.pack_length if self.cfg.pack else None
+            t_out = self.teacher(b, True, [], False, False, pack)
             s_logits, targets = target_logits(self.student, b["input_ids"], b["attention_mask"], b["labels"],
-                                              self.vocab)
+                                              self.vocab, pack)
             sums["val_ce"] += float(hard_ce(s_logits, targets).sum())
             sums["val_kl"] += float(soft_divergence(s_logits, t_out.signal, "forward_kl", 1.0,
                                                     chunk_size=self.cfg.chunk_size).sum())

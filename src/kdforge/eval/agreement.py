@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from kdforge.data.batching import collate
 from kdforge.data.chat import EncodedConversation
 from kdforge.distill.losses import divergence, hard_ce
-from kdforge.models.forward import target_logits, target_positions
+from kdforge.models.forward import DEFAULT_PACK_LENGTH, target_logits, target_positions
 
 METRICS = ("nll", "kl", "top1")
 
@@ -40,7 +40,8 @@ def agreement_by_category(teacher, models: list, data: list[EncodedConversation]
     entropy = torch.zeros(n_cat, dtype=torch.float64)
     for i in range(0, len(data), batch_size):
         b = {k: v.to(device) for k, v in collate(data[i:i + batch_size], pad_id).items()}
-        t_logits, targets = target_logits(teacher, b["input_ids"], b["attention_mask"], b["labels"], vocab)  # (N, V)
+        t_logits, targets = target_logits(teacher, b["input_ids"], b["attention_mask"], b["labels"], vocab,
+                                           DEFAULT_PACK_LENGTH)  # (N, V)
         # Boolean-mask indexing is row-major, so the n-th target row belongs to the n-th True of
         # the (B, T-1) mask: its row index is the conversation within the batch.
         row_conv = target_positions(b["labels"]).nonzero()[:, 0].cpu() + i  # (N,)
@@ -52,7 +53,7 @@ def agreement_by_category(teacher, models: list, data: list[EncodedConversation]
         t_top = t_logits.argmax(-1)  # (N,)
         for s, m in zip(sums, models):
             logits = t_logits if m is teacher else target_logits(
-                m, b["input_ids"], b["attention_mask"], b["labels"], vocab)[0]
+                m, b["input_ids"], b["attention_mask"], b["labels"], vocab, DEFAULT_PACK_LENGTH)[0]
             per_row = {"nll": hard_ce(logits, targets),
                        "kl": divergence(logits, t_logits, "forward_kl", chunk_size=1024),
                        "top1": (logits.argmax(-1) == t_top).float()}  # each (N,)

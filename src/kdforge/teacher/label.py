@@ -28,7 +28,7 @@ from kdforge.config import ConfigError, LabelConfig, dump, read_yaml
 from kdforge.data.batching import collate, shared_vocab_size
 from kdforge.data.chat import encode_conversation
 from kdforge.data.formats import data_file, load_training_data, select_split
-from kdforge.models.forward import capture, target_logits
+from kdforge.models.forward import DEFAULT_PACK_LENGTH, capture, target_logits
 from kdforge.models.loading import load_model, resolve_model
 from kdforge.softlabels.format import FORMAT_VERSION, bytes_per_target, encode_topk, id_dtype, tokenizer_fingerprint
 from kdforge.softlabels.reader import MANIFEST
@@ -147,7 +147,10 @@ def label_examples(teacher, tok, examples, cfg: LabelConfig, vocab: int, bar) ->
         idx = order[b0:b0 + cfg.batch_size]
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tok.pad_token_id).items()}
         with capture(teacher, cfg.hidden_layers, bool(cfg.hidden_layers), False) as store:
-            logits, _ = target_logits(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"], vocab)
+            # Hidden states are kept in the padded (B, T) layout: pack only when none are kept.
+            pack = None if cfg.hidden_layers else DEFAULT_PACK_LENGTH
+            logits, _ = target_logits(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"], vocab,
+                                      pack)
         logp = F.log_softmax(logits.float() / cfg.temperature, dim=-1).cpu()  # (N, V)
         counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
         enc = encode_topk(logp, cfg.top_k, vocab)
