@@ -261,7 +261,10 @@ def _prepare_out(cfg: DistillConfig, overwrite: bool, resume: bool) -> Path | No
 
 def run_distill(cfg: DistillConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     t0 = time.time()
-    return_freed_memory_to_os()
+    if cfg.release_memory if cfg.release_memory is not None else cfg.labels is not None:
+        # ~7% lower peak RSS for ~10% speed (page faults on re-allocated buffers): worth it where the
+        # point is to fit a small machine, i.e. training from a label cache.
+        return_freed_memory_to_os()
     # Validate data before loading any model: a bad file must fail in seconds.
     convs = load_training_data(cfg.data)
     resume_from = _prepare_out(cfg, overwrite, resume)

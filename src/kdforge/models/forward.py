@@ -26,7 +26,7 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
-DEFAULT_PACK_LENGTH = 512  # tokens per packed row (attention cost grows with its square)
+DEFAULT_PACK_LENGTH = 256  # tokens per packed row (attention cost grows with its square)
 PACKABLE_ATTENTION = ("sdpa", "eager")  # implementations that take an explicit (R, 1, L, L) mask
 
 
