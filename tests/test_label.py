@@ -171,3 +171,84 @@ def test_distill_cli_takes_labels(labelled, tmp_path):
                  "--out", str(tmp_path / "o"), "--steps", "2", "--batch-size", "2"]) == 0
     meta = json.loads((tmp_path / "o" / "meta.json").read_text())
     assert meta["metrics"]["steps"] == 2
+
+
+@pytest.mark.integration
+def test_label_killed_mid_way_resumes_without_relabelling_finished_shards(tokenizer, tmp_path):
+    """SIGKILL a `kdforge label` process after its first shards land; the re-run reuses them and the
+    cache equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    teacher = make_tiny("llama", len(tokenizer), seed=7, layers=3)
+    t_dir = tmp_path / "teacher"
+    teacher.save_pretrained(t_dir)
+    tokenizer.save_pretrained(t_dir)
+    convs = CONVS * 6  # 60 conversations, 30 shards of 2
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"c{i}", "messages": m}) + "\n" for i, m in enumerate(convs)))
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "kdforge.cli", "label", str(t_dir), "--data", str(data), "--out", str(out),
+            "--top-k", "8", "--batch-size", "1", "--set", "shard_size=2"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.is_dir() and len(list(out.glob("shard-*.safetensors"))) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "manifest.json").exists()
+    finished = len(list(out.glob("shard-*.safetensors")))
+    assert 3 <= finished < 30
+    m = run_label(LabelConfig(teacher=str(t_dir), data=str(data), out=str(out), top_k=8, batch_size=1, shard_size=2))
+    assert m["reused_examples"] >= 2 * (finished - 1)  # at most the shard in flight is redone
+    whole = tmp_path / "whole"
+    run_label(LabelConfig(teacher=str(t_dir), data=str(data), out=str(whole), top_k=8, batch_size=1, shard_size=2))
+    resumed, fresh = SoftLabelCache(out), SoftLabelCache(whole)
+    for i in range(len(convs)):
+        a, b = resumed.get(i), fresh.get(i)
+        assert torch.equal(a.ids, b.ids)
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-3, rtol=0)
+
+
+@pytest.mark.integration
+def test_cached_signal_with_full_vocabulary_trains_like_the_live_teacher(tokenizer):
+    """k = V: the trainer's sparse path (top-k bins + tail) gives the live teacher's losses and gradients."""
+    from kdforge.data.batching import collate
+    from kdforge.data.formats import Conversation
+    from kdforge.distill.losses import SparseSignal
+    from kdforge.distill.schedules import Progress
+    from kdforge.distill.teacher_source import LiveTeacher, TeacherOutput
+    from kdforge.distill.trainer import Distiller, encode_dataset
+    from kdforge.models.forward import target_logits
+
+    teacher = make_tiny("llama", len(tokenizer), seed=1)
+    student = make_tiny("llama", len(tokenizer), seed=2, layers=1)
+    data, _ = encode_dataset(tokenizer, [Conversation(f"c{i}", m) for i, m in enumerate(CONVS[:4])], 64)
+    batch = collate(data, tokenizer.pad_token_id)
+    v = len(tokenizer)
+    with torch.no_grad():
+        t_logits, _ = target_logits(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"], v)
+    logp = torch.log_softmax(t_logits.float(), -1)
+    top, ids = logp.topk(v, -1)  # every token: the tail is empty
+
+    class FullCache:
+        def __call__(self, *a, **k):
+            return TeacherOutput(SparseSignal(ids, top, torch.full((ids.shape[0],), -30.0)))
+
+    results = []
+    for source in (LiveTeacher(teacher, v), FullCache()):
+        for kind in ("forward_kl", "reverse_kl"):
+            cfg = DistillConfig(teacher="t", student="s", data="d", temperature=2.0, alpha=0.3, loss=kind)
+            student.zero_grad()
+            r = Distiller(cfg, source, student, v, {}, None).step([batch], Progress(0, 10, 5))
+            results.append((r, torch.cat([p.grad.flatten() for p in student.parameters()])))
+    for (live, g_live), (cached, g_cached) in zip(results[:2], results[2:]):
+        assert cached["loss"] == pytest.approx(live["loss"], rel=1e-4)
+        assert cached["soft"] == pytest.approx(live["soft"], rel=1e-4)
+        torch.testing.assert_close(g_cached, g_live, rtol=1e-3, atol=1e-6)
