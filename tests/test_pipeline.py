@@ -71,14 +71,19 @@ def test_run_chains_stages_from_one_yaml(tiny_llama_dir, prompts_file, tmp_path)
         "student": {"teacher": str(tiny_llama_dir), "out": str(tmp_path / "s"), "num_layers": 1},
         "distill": {"teacher": str(tiny_llama_dir), "student": str(tmp_path / "s"), "data": str(tmp_path / "g"),
                     "out": str(tmp_path / "d"), "max_steps": 2},
-        "eval": {"teacher": str(tiny_llama_dir), "students": [str(tmp_path / "d")], "data": str(tmp_path / "g"),
-                 "out": str(tmp_path / "e"), "decode_tokens": 2, "tasks": False, "stability_prompts": 0,
-                 "speed": False},
+        # listed before export on purpose: eval runs last, on the file export writes
+        "eval": {"teacher": str(tiny_llama_dir), "students": [str(tmp_path / "d"),
+                                                              str(tmp_path / "x" / "model-f16.gguf")],
+                 "data": str(tmp_path / "g"), "out": str(tmp_path / "e"), "decode_tokens": 2, "tasks": False,
+                 "stability_prompts": 0, "speed": False},
+        "export": {"model": str(tmp_path / "d"), "quant": ["f16"], "out": str(tmp_path / "x")},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path), "--set", "distill.batch_size=2"]) == 0
     assert (tmp_path / "e" / "report.md").is_file()
+    rows = {r["name"]: r for r in json.loads((tmp_path / "e" / "report.json").read_text())["models"]}
+    assert rows["model-f16"]["kl"] == pytest.approx(rows["d"]["kl"], abs=1e-2)  # the f16 file is the student
     assert yaml.safe_load((tmp_path / "d" / "config.yaml").read_text())["batch_size"] == 2
 
 

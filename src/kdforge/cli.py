@@ -158,6 +158,11 @@ def _flags(args: argparse.Namespace, stage: str) -> dict[str, Any]:
     return {k: getattr(args, k, None) for k in _FLAGS[stage]}
 
 
+# `kdforge run`: the stages of one file run in this order, whatever their order in the file
+# (quantize and export before eval, so that eval can compare the variants they write).
+RUN_ORDER = ("generate", "label", "student", "distill", "quantize", "export", "eval")
+
+
 def _stage_runner(stage: str) -> tuple[type, Callable[..., Any]]:
     # Imported lazily: `kdforge --help` and config errors should not wait for torch.
     if stage == "generate":
@@ -207,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_serving_command(args)
         elif args.command == "run":
             sections = read_yaml(args.config_file)
-            stages = [s for s in ("generate", "label", "student", "distill", "eval") if s in sections]
+            stages = [s for s in RUN_ORDER if s in sections]
             if not stages:
-                raise ConfigError(f"{args.config_file}: no stage sections (generate, label, student, distill, eval)")
+                raise ConfigError(f"{args.config_file}: no stage sections ({', '.join(RUN_ORDER)})")
             # Validate every stage before running the first: a typo in `eval:` must not cost a training run.
             plan = []
             for stage in stages:
