@@ -29,8 +29,9 @@ from kdforge.eval.report import SPEED_PROMPT
 from kdforge.export.gguf_writer import write_gguf
 from kdforge.export.llamacpp import LlamaCppModel, llama_cpp_available
 from kdforge.export.roundtrip import logits_agreement, source_logits, torch_logits, validation_sets
-from kdforge.export.torch_quant import folder_bytes, load_quantized, quiet_torchao, reload_quantized, save_quantized
+from kdforge.export.torch_quant import folder_bytes, load_quantized, reload_quantized, save_quantized
 from kdforge.models.loading import load_model, resolve_model
+from kdforge.quiet import quiet_torchao
 
 
 def main() -> None:

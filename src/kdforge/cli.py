@@ -24,6 +24,7 @@ from kdforge.config import (
     read_yaml,
 )
 from kdforge.errors import UserError
+from kdforge.quiet import quiet_transformers
 from kdforge.serve.commands import add_serving_parsers, run_serving_command
 
 
@@ -187,25 +188,12 @@ def _stage_runner(stage: str) -> tuple[type, Callable[..., Any]]:
     raise ValueError(stage)
 
 
-def _quiet_transformers() -> None:
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    # transformers and lm_eval import torchao when it is installed; on CPU it logs one warning per
-    # optional CUDA library it cannot load, and torch warns about its enum registrations.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
             cfg = build_config(DemoConfig, "demo", args.config, args.overrides, _flags(args, "demo"))
-            _quiet_transformers()
+            quiet_transformers()
             from kdforge.demo import run_demo
             run_demo(cfg, quick=args.quick, overwrite=args.overwrite)
         elif args.command in ("serve", "app", "chat"):
@@ -220,14 +208,14 @@ def main(argv: list[str] | None = None) -> int:
             for stage in stages:
                 cls, runner = _stage_runner(stage)
                 plan.append((stage, build_config(cls, stage, [args.config_file], args.overrides), runner))
-            _quiet_transformers()
+            quiet_transformers()
             for stage, cfg, runner in plan:
                 print(f"[kdforge] == {stage} -> {cfg.out}", flush=True)
                 runner(cfg, overwrite=args.overwrite)
         else:
             cls, runner = _stage_runner(args.command)
             cfg = build_config(cls, args.command, args.config, args.overrides, _flags(args, args.command))
-            _quiet_transformers()
+            quiet_transformers()
             kwargs = {"resume": args.resume} if args.command == "distill" else {}
             result = runner(cfg, overwrite=args.overwrite, **kwargs)
             if args.command != "eval":

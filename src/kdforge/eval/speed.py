@@ -166,16 +166,9 @@ def measure_models(specs: list[str], prompt: list[dict[str, str]], new_tokens: i
 
 
 if __name__ == "__main__":
-    import logging
+    from kdforge.quiet import quiet_transformers
 
-    # A fresh interpreter: the CLI's log settings do not reach it, and transformers imports torchao
-    # (when installed), which warns about CUDA libraries and enum registrations on every start.
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the parent shows one line per model instead
-    hf_logging.set_verbosity_error()
+    quiet_transformers()  # a fresh interpreter: the CLI's settings do not reach it
     if sys.argv[1:2] == ["--serve"]:
         serve()
     elif sys.argv[1:2] == ["--one"]:

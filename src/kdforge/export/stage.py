@@ -15,7 +15,7 @@ from typing import Any
 from kdforge.artifacts import atomic_dir, atomic_write_json, write_config, write_meta
 from kdforge.config import dump
 from kdforge.export.config import ExportConfig, QuantizeConfig
-from kdforge.export.torch_quant import quiet_torchao
+from kdforge.quiet import quiet_torchao
 
 # Thresholds the round trip is judged by (reported as ok/not ok; the file is written either way).
 TOP1_EXPECTED = {"f32": 1.0, "f16": 1.0, "bf16": 1.0, "q8_0": 0.99}

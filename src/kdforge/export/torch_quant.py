@@ -28,7 +28,6 @@ models save as safetensors too and reload only on CUDA.
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 from kdforge.errors import UserError
+from kdforge.quiet import quiet_torchao
 
 TORCHAO_METHODS = ("int8", "int8-dynamic", "int4", "int8-int4")
 BNB_METHODS = ("nf4", "bnb-int8")
@@ -45,13 +45,6 @@ METHODS = TORCHAO_METHODS + BNB_METHODS
 
 class QuantizeError(UserError):
     """A quantisation method cannot run here (missing package, no CUDA, unsupported model)."""
-
-
-def quiet_torchao() -> None:
-    """torchao 0.18 logs a warning for each optional native library it cannot load (CUDA-only or
-    built for another Python) and torch warns about its enum registrations; neither matters on CPU."""
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def torchao_config(method: str, group_size: int = 32):

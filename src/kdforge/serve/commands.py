@@ -77,9 +77,9 @@ def run_serving_command(args: argparse.Namespace) -> int:
         raise UserError("--temperature must be in [0, 2]")
     if args.command != "chat":
         configure_logging()
-    from kdforge.cli import _quiet_transformers
+    from kdforge.quiet import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     engine = load_engine(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                          max_batch=args.max_batch, max_model_len=args.max_model_len,
                          max_tokens_cap=getattr(args, "max_tokens_limit", None),
