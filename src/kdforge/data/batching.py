@@ -21,6 +21,18 @@ def collate(examples: list[EncodedConversation], pad_id: int) -> dict[str, torch
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token-id lists for generation: (input_ids, attention_mask), each (B, W). Every prompt
+    ends at the same column, so the new tokens of all rows line up after it."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        attention_mask[i, width - len(p):] = 1
+    return input_ids, attention_mask
+
+
 def shared_vocab_size(tokenizer, *models) -> int:
     """Length of the tokenizer's vocabulary, which every model's logits must cover."""
     n = len(tokenizer)

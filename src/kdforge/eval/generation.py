@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdforge.data.batching import left_pad
 from kdforge.data.chat import render
 from kdforge.models.loading import end_of_turn_ids
 
@@ -60,12 +61,8 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     for b, start in enumerate(range(0, len(order), step)):
         idx = order[start:start + step]
         ids = [tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in idx]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
-        attn = torch.zeros((len(ids), width), dtype=torch.long)
-        for r, x in enumerate(ids):
-            input_ids[r, width - len(x):] = torch.tensor(x)
-            attn[r, width - len(x):] = 1
+        input_ids, attn = left_pad(ids, tokenizer.pad_token_id)  # (B, T)
+        width = input_ids.shape[1]
         if do_sample:
             # One seed per batch: the answers do not depend on what ran before (other models, tasks).
             torch.manual_seed(sampling.seed * 1_000_003 + b)

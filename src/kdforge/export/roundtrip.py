@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from kdforge.data.batching import left_pad
 from kdforge.data.chat import EncodedConversation
 from kdforge.distill.losses import divergence, hard_ce
 
@@ -86,12 +87,8 @@ def answer_data(model, tokenizer, n: int = 16, new_tokens: int = 48, batch_size:
     out = []
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i:i + batch_size]
-        width = max(len(p) for p in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)  # left-padded (B, W)
-        attn = torch.zeros_like(ids)
-        for j, p in enumerate(batch):
-            ids[j, width - len(p):] = torch.tensor(p)
-            attn[j, width - len(p):] = 1
+        ids, attn = left_pad(batch, pad)  # (B, W)
+        width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=pad, eos_token_id=sorted(stop))  # (B, W + new)
         for j, p in enumerate(batch):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from kdforge.artifacts import CONFIG_NAME, META_NAME, write_config, write_meta
 from kdforge.config import ConfigError, GenerateConfig, dump, read_yaml
+from kdforge.data.batching import left_pad
 from kdforge.data.chat import encode_prompt
 from kdforge.data.formats import Conversation, select_split
 from kdforge.data.prompts import BUNDLED, bundled_prompts_path, load_prompt_set
@@ -131,13 +132,8 @@ def generate_into(model, tok, todo: list[tuple[Conversation, int]], cfg: Generat
     with open(data_path, "ab") as f:
         for start in range(0, len(encoded), cfg.batch_size):
             batch = encoded[start:start + cfg.batch_size]
-            width = max(len(ids) for _, _, ids in batch)
-            # Left padding: every prompt ends at the same column, so new tokens line up.
-            input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, (_, _, ids) in enumerate(batch):
-                input_ids[i, width - len(ids):] = torch.tensor(ids)
-                attn[i, width - len(ids):] = 1
+            input_ids, attn = left_pad([ids for _, _, ids in batch], tok.pad_token_id)  # (B, W)
+            width = input_ids.shape[1]
             if cfg.do_sample:
                 first = _record_id(batch[0][0], batch[0][1], cfg.num_samples)
                 torch.manual_seed(cfg.seed * 1_000_003 + zlib.crc32(first.encode()))
