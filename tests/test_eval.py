@@ -159,10 +159,9 @@ def test_agreement_by_category(report_dir):
 
 
 def test_agreement_equals_shared_scoring(tokenizer):
-    """The per-category computation gives the same overall figures as kdforge.scoring (used by distill)."""
+    """Splitting the conversations into categories leaves the overall figures as they are."""
     from kdforge.data.chat import encode_conversation
-    from kdforge.eval.agreement import agreement_by_category
-    from kdforge.scoring import agreement
+    from kdforge.scoring import agreement, agreement_by_category
 
     teacher, student = make_tiny("llama", len(tokenizer), seed=1), make_tiny("llama", len(tokenizer), seed=2)
     convs = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "An answer " * (i + 1)}]

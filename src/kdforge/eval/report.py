@@ -2,7 +2,7 @@
 
 Sections, each computed the same way for every model (definitions in docs/evaluation.md):
 1. agreement with the teacher on held-out conversations, overall and per prompt category, with the
-   teacher's entropy per category (eval/agreement.py);
+   teacher's entropy per category (kdforge/scoring.py);
 2. the task set: short answers by normalised exact match, code by running tests in a sandbox
    (eval/tasks.py, eval/sandbox.py);
 3. stability of sampled answers (eval/stability.py);
@@ -106,7 +106,7 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
         mark = time.time()
 
     # 1. agreement, overall and per category
-    from kdforge.eval.agreement import agreement_by_category
+    from kdforge.scoring import agreement_by_category
 
     print(f"[eval] agreement: {len(pairs)} conversations, {len(models)} models", flush=True)
     agree = agreement_by_category(teacher, models, [e for _, e in pairs], [c.category for c, _ in pairs],
