@@ -89,6 +89,7 @@ class Distiller:
         self.cfg, self.teacher, self.student, self.vocab = cfg, teacher, student, vocab
         self.layer_map, self.projection = layer_map, projection
         self.autocast = autocast
+        self.pack_length = cfg.pack_length if cfg.pack else None
 
     def weights(self, p: Progress) -> dict[str, float]:
         c = self.cfg
@@ -106,7 +107,7 @@ class Distiller:
         s_layers = sorted(self.layer_map) if (hid or att) else []
         t_layers = sorted(set(self.layer_map[i] for i in s_layers))
         # Alignment losses compare layer outputs position by position in the padded layout: no packing then.
-        pack = c.pack_length if c.pack and not s_layers else None
+        pack = self.pack_length if not s_layers else None
         # alpha = 1 is plain CE on the data: the teacher's logits are not needed.
         need_logits = use_kd and w["alpha"] < 1
         sums = {"loss": 0.0, "ce": 0.0, "soft": 0.0, "hidden": 0.0, "attention": 0.0}
@@ -156,10 +157,9 @@ class Distiller:
         device = next(self.student.parameters()).device
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
-            pack = self.cfg.pack_length if self.cfg.pack else None
-            t_out = self.teacher(b, True, [], False, False, pack)
+            t_out = self.teacher(b, True, [], False, False, self.pack_length)
             s_logits, targets = target_logits(self.student, b["input_ids"], b["attention_mask"], b["labels"],
-                                              self.vocab, pack)
+                                              self.vocab, self.pack_length)
             sums["val_ce"] += float(hard_ce(s_logits, targets).sum())
             sums["val_kl"] += float(soft_divergence(s_logits, t_out.signal, "forward_kl", 1.0,
                                                     chunk_size=self.cfg.chunk_size).sum())
