@@ -84,3 +84,25 @@ def prompts_file(tmp_path) -> Path:
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def kill_when(args: list[str], ready, timeout: float = 120.0) -> int:
+    """Start a kdforge command, SIGKILL it as soon as ``ready()`` is true; its return code
+    (-SIGKILL when it was killed, anything else when it ended first)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "kdforge.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    return proc.returncode
+

@@ -1,9 +1,5 @@
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -11,6 +7,8 @@ from kdforge.config import GenerateConfig
 from kdforge.data.formats import select_split
 from kdforge.data.prompts import load_prompt_set
 from kdforge.teacher.generate import run_generate
+
+from .conftest import kill_when
 
 pytestmark = pytest.mark.integration
 
@@ -79,18 +77,10 @@ def test_torn_last_line_is_dropped_and_redone(tiny_llama_dir, prompts_file, tmp_
 
 def test_killed_run_resumes_without_duplicates_or_losses(tiny_llama_dir, tmp_path):
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "kdforge.cli", "generate", str(tiny_llama_dir), "--out", str(out),
-            "--batch-size", "2", "--max-new-tokens", "24", "--limit", "60"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     data = out / "data.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if data.is_file() and data.read_bytes().count(b"\n") >= 6:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    rc = kill_when(["generate", str(tiny_llama_dir), "--out", str(out), "--batch-size", "2", "--max-new-tokens", "24",
+                    "--limit", "60"], lambda: data.is_file() and data.read_bytes().count(b"\n") >= 6)
+    assert rc == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "meta.json").exists()
     expected = {c.id for c in select_split(load_prompt_set("bundled"), "all", limit=60)}
     done_before = data.read_bytes().count(b"\n")

@@ -13,7 +13,7 @@ from kdforge.softlabels.format import DELTA_MAX, decode_topk, encode_topk
 from kdforge.softlabels.reader import CacheError, SoftLabelCache
 from kdforge.teacher.label import run_label
 
-from .conftest import make_tiny
+from .conftest import kill_when, make_tiny
 
 CONVS = [[{"role": "user", "content": f"Tell me about the number {i}."},
           {"role": "assistant", "content": f"The number {i} comes after {i - 1}." + " It is fine." * (i % 4)}]
@@ -177,11 +177,7 @@ def test_distill_cli_takes_labels(labelled, tmp_path):
 def test_label_killed_mid_way_resumes_without_relabelling_finished_shards(tokenizer, tmp_path):
     """SIGKILL a `kdforge label` process after its first shards land; the re-run reuses them and the
     cache equals an uninterrupted run's."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     teacher = make_tiny("llama", len(tokenizer), seed=7, layers=3)
     t_dir = tmp_path / "teacher"
@@ -191,17 +187,9 @@ def test_label_killed_mid_way_resumes_without_relabelling_finished_shards(tokeni
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"id": f"c{i}", "messages": m}) + "\n" for i, m in enumerate(convs)))
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "kdforge.cli", "label", str(t_dir), "--data", str(data), "--out", str(out),
-            "--top-k", "8", "--batch-size", "1", "--set", "shard_size=2"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if out.is_dir() and len(list(out.glob("shard-*.safetensors"))) >= 3:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    rc = kill_when(["label", str(t_dir), "--data", str(data), "--out", str(out), "--top-k", "8", "--batch-size", "1",
+                    "--set", "shard_size=2"], lambda: out.is_dir() and len(list(out.glob("shard-*.safetensors"))) >= 3)
+    assert rc == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "manifest.json").exists()
     finished = len(list(out.glob("shard-*.safetensors")))
     assert 3 <= finished < 30
