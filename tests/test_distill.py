@@ -101,6 +101,30 @@ def test_packed_rows_equal_the_padded_batch(tokenizer, arch, pack_length):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("hidden_only", [False, True])
+def test_sparse_tied_embedding_gradient_equals_the_dense_one(tokenizer, hidden_only):
+    """The tied embedding's sparse lookup gradient gives the dense gradients, and the optimizer sees a dense one."""
+    teacher = make_tiny("llama", len(tokenizer), seed=1)
+    student = make_tiny("llama", len(tokenizer), seed=2, layers=1)
+    assert student.get_input_embeddings().weight is student.get_output_embeddings().weight
+    data, _ = encode_dataset(tokenizer, [Conversation(f"c{i}", m) for i, m in enumerate(CONVS)], 64)
+    micro = [collate(data[:4], tokenizer.pad_token_id), collate(data[4:], tokenizer.pad_token_id)]
+    extra = {"kd_weight": 0.0, "hidden_loss": "mse", "hidden_weight": 1.0} if hidden_only else {}
+    cfg = DistillConfig(teacher="t", student="s", data="d", temperature=2.0, alpha=0.3, **extra)
+    grads = []
+    for sparse in (True, False):
+        student.zero_grad(set_to_none=True)
+        d = Distiller(cfg, LiveTeacher(teacher, len(tokenizer)), student, len(tokenizer), {0: 1}, None)
+        assert d.tied_embedding is student.get_input_embeddings() and student.get_input_embeddings().sparse
+        student.get_input_embeddings().sparse = sparse
+        d.step(micro, Progress(0, 10, 5))
+        emb_grad = student.get_input_embeddings().weight.grad
+        assert emb_grad is not None and not emb_grad.is_sparse
+        grads.append(torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]))
+    assert grads[1].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("loss", ["forward_kl", "jsd"])
 def test_chunked_projection_and_backward_equal_one_chunk(tokenizer, loss):
     """chunk_size=3 back-propagates the vocabulary projection 3 positions at a time: same loss, same gradients."""

@@ -204,6 +204,48 @@ def sparse_student_logp(student_logits: Tensor, ids: Tensor, temperature: float)
     return torch.cat([top, rest[:, None]], dim=-1)
 
 
+class _SparseForwardKL(torch.autograd.Function):
+    """KL over k+1 bins (teacher's top-k, then the rest) with a hand-written backward.
+
+    The bins' student log-probs are log q_j at the top-k ids and log q_rest = log Σ_{j∉top-k} q_j,
+    floored at TAIL_FLOOR like the cache's tail. With c = Σ p_top + p_rest·[rest not floored], the
+    gradient with respect to the student's logits z is
+        top-k token j:   (c·q_j − p_j) / T
+        other token j:   q_j · (c − [not floored]·p_rest / q_rest) / T
+    (autograd through log_softmax, gather, scatter and logsumexp gives the same; a test checks it).
+    Autograd keeps ~4 (N, V) buffers and makes ~8 passes over them; this keeps one, the student's
+    probabilities with the top-k zeroed, and turns it into the gradient in place.
+    (N, V), (N, k), (N, k+1) teacher bin log-probs at T -> (N,)
+    """
+
+    @staticmethod
+    def forward(ctx, s_logits: Tensor, ids: Tensor, t_bins: Tensor, temperature: float) -> Tensor:
+        z = s_logits.float()
+        q = F.log_softmax(z / temperature if temperature != 1 else z, dim=-1)  # (N, V) log q for now
+        top = q.gather(-1, ids)                                                 # (N, k) log q at the top-k
+        q.exp_().scatter_(-1, ids, 0.0)                                         # (N, V) q outside the top-k
+        q_rest = q.sum(-1)                                                      # (N,) exact, no 1 − Σ cancellation
+        log_rest = q_rest.log()
+        free = log_rest > TAIL_FLOOR                                            # (N,) rest bin not floored
+        s_bins = torch.cat([top, log_rest.clamp(min=TAIL_FLOOR)[:, None]], dim=-1)  # (N, k+1)
+        p = t_bins.exp()
+        kl = torch.where(p > 0, p * (t_bins - s_bins), torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
+        ctx.save_for_backward(q, ids, top, p, q_rest, free)
+        ctx.temperature, ctx.dtype = temperature, s_logits.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, ids, top, p, q_rest, free = ctx.saved_tensors
+        p_top, p_rest = p[:, :-1], p[:, -1]
+        c = p_top.sum(-1) + torch.where(free, p_rest, 0.0)                                 # (N,)
+        rest_coef = c - torch.where(free, p_rest / q_rest.clamp(min=torch.finfo(q.dtype).tiny), 0.0)
+        scale = grad_out / ctx.temperature                                                # (N,)
+        grad = q.mul_((rest_coef * scale)[:, None])                                       # (N, V); top-k are 0
+        grad.scatter_(-1, ids, (c[:, None] * top.exp() - p_top) * scale[:, None])
+        return grad.to(ctx.dtype), None, None, None
+
+
 def sparse_divergence(
     student_logits: Tensor,
     ids: Tensor,
@@ -226,10 +268,15 @@ def sparse_divergence(
     vocab = student_logits.shape[-1]
     n = student_logits.shape[0]
     step = max(1, n if not chunk_size or chunk_size >= n else chunk_size)
-    out = [fn(sparse_student_logp(student_logits[i:i + step], ids[i:i + step], temperature),
-              sparse_teacher_logp(teacher_logprobs[i:i + step], tail_logmass[i:i + step], capture_temperature,
-                                  temperature, vocab))
-           for i in range(0, n, step)]
+    out = []
+    for i in range(0, n, step):
+        t_bins = sparse_teacher_logp(teacher_logprobs[i:i + step], tail_logmass[i:i + step], capture_temperature,
+                                     temperature, vocab)  # (C, k+1)
+        if kind == "forward_kl":
+            # The default and the benchmarked loss: the fused version (same values, one (C, V) buffer).
+            out.append(_SparseForwardKL.apply(student_logits[i:i + step], ids[i:i + step], t_bins, temperature))
+        else:
+            out.append(fn(sparse_student_logp(student_logits[i:i + step], ids[i:i + step], temperature), t_bins))
     return torch.cat(out) if out else student_logits.new_zeros(0, dtype=torch.float32)
 
 
