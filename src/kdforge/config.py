@@ -269,7 +269,9 @@ class DemoConfig(StageConfig):
     val_prompts: int | None = Field(None, gt=0)
     max_new_tokens: int = Field(96, gt=0)
     gen_batch_size: int = Field(16, gt=0)
-    student_layers: int = Field(8, gt=0)
+    student_layers: int = Field(20, gt=0, description="teacher layers the student keeps (of 30)")
+    student_method: Literal["depth", "layers"] = Field(
+        "depth", description="depth: the most important layers by block influence; layers: evenly spaced")
     distill_steps: int = Field(160, gt=0)
     distill_batch_size: int = Field(4, gt=0)
     distill_lr: float = Field(3e-4, gt=0)

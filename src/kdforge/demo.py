@@ -1,8 +1,8 @@
 """`kdforge demo`: the whole path on the embedded teacher, each stage's folder under one directory.
 
 generate (the teacher answers the bundled prompts) -> label (its top-k soft labels, cached) ->
-student (8 of 30 layers) -> distill (from the cache: the teacher is not loaded) -> eval (teacher
-vs undistilled student vs distilled student on the validation split). With ``offline: false``
+student (20 of 30 layers, chosen by block influence) -> distill (from the cache: the teacher is not
+loaded) -> eval (teacher vs undistilled student vs distilled student on the validation split). With ``offline: false``
 the label stage is skipped and distillation runs the teacher online.
 """
 
@@ -47,9 +47,10 @@ def run_demo(cfg: DemoConfig, quick: bool = False, overwrite: bool = False) -> d
         timings["label"] = time.time() - t
         i += 1
 
-    t = stage("student", i, f"keep {cfg.student_layers} teacher layers")
-    run_student(StudentConfig(teacher=cfg.teacher, out=str(root / "student"), num_layers=cfg.student_layers),
-                overwrite=True)
+    how = "by block influence" if cfg.student_method == "depth" else "evenly spaced"
+    t = stage("student", i, f"keep {cfg.student_layers} teacher layers ({how})")
+    run_student(StudentConfig(teacher=cfg.teacher, out=str(root / "student"), method=cfg.student_method,
+                              num_layers=cfg.student_layers), overwrite=True)
     timings["student"] = time.time() - t
 
     how = "from the soft-label cache" if cfg.offline else "with the online teacher"
