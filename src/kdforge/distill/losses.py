@@ -228,15 +228,14 @@ class _SparseForwardKL(torch.autograd.Function):
         log_rest = q_rest.log()
         free = log_rest > TAIL_FLOOR                                            # (N,) rest bin not floored
         s_bins = torch.cat([top, log_rest.clamp(min=TAIL_FLOOR)[:, None]], dim=-1)  # (N, k+1)
-        p = t_bins.exp()
-        kl = torch.where(p > 0, p * (t_bins - s_bins), torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
-        ctx.save_for_backward(q, ids, top, p, q_rest, free)
+        ctx.save_for_backward(q, ids, top, t_bins, q_rest, free)
         ctx.temperature, ctx.dtype = temperature, s_logits.dtype
-        return kl
+        return _kl_logp(t_bins, s_bins)  # only k+1 columns: the plain definition is cheap here
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, ids, top, p, q_rest, free = ctx.saved_tensors
+        q, ids, top, t_bins, q_rest, free = ctx.saved_tensors
+        p = t_bins.exp()                                                                  # (N, k+1)
         p_top, p_rest = p[:, :-1], p[:, -1]
         c = p_top.sum(-1) + torch.where(free, p_rest, 0.0)                                 # (N,)
         rest_coef = c - torch.where(free, p_rest / q_rest.clamp(min=torch.finfo(q.dtype).tiny), 0.0)
