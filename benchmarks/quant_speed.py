@@ -2,7 +2,8 @@
 
 Prints one JSON line per variant: fp32 (PyTorch), torchao int8 / int4 weight-only (PyTorch, loaded
 back from the saved folder), and, when llama-cpp-python is installed, the GGUF F16 / Q8_0 / Q4_0
-files written by `kdforge export`, run by llama.cpp. Each line has bytes on disk, greedy batch-1
+files written by `kdforge export`, run by llama.cpp (Q8_0 / Q4_0 twice: rounded to nearest, and with
+the export's default calibrated rounding, variant ``gguf-<type>-gptq``). Each line has bytes on disk, greedy batch-1
 decode tokens/s with the thread count, NLL / KL(fp32 ‖ variant) / top-1 agreement with fp32 on the
 fp32 model's own greedy answers to 16 validation prompts (the round trip's "answers" set; top-1 on the
 prompt text itself is `top1_prompt_text`), and ratios to fp32.
@@ -11,7 +12,7 @@ PyTorch variants are timed with kdforge.eval.metrics.decode_speed (transformers 
 llama.cpp ones with kdforge.export.llamacpp.LlamaCppModel.decode_speed (same protocol: warm-up,
 time to first token, then decode tokens/s after it, best of 2).
 Usage: python benchmarks/quant_speed.py [--model embedded:smollm2-135m-instruct] [--new-tokens 64]
-       [--prompts 16] [--threads N] [--methods int8 int4] [--gguf f16 q8_0 q4_0]
+       [--prompts 16] [--threads N] [--methods int8 int4] [--gguf f16 q8_0 q4_0] [--calibration auto|none|DATA]
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import torch
 from kdforge.data.chat import encode_prompt
 from kdforge.eval.metrics import decode_speed
 from kdforge.eval.report import SPEED_PROMPT
-from kdforge.export.gguf_writer import write_gguf
+from kdforge.export.calibration import export_hessians
+from kdforge.export.gguf_writer import plan_tensors, write_gguf
+from kdforge.export.gptq import CALIBRATED_TYPES
 from kdforge.export.llamacpp import LlamaCppModel, llama_cpp_available
 from kdforge.export.roundtrip import logits_agreement, source_logits, torch_logits, validation_sets
 from kdforge.export.torch_quant import folder_bytes, load_quantized, reload_quantized, save_quantized
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--methods", nargs="*", default=["int8", "int4"], help="torchao methods")
     ap.add_argument("--gguf", nargs="*", default=["f16", "q8_0", "q4_0"], help="GGUF types run by llama.cpp")
+    ap.add_argument("--calibration", default="auto", help="text for the -gptq variants ('none': skip them)")
     args = ap.parse_args()
     quiet_torchao()
     torch.set_num_threads(args.threads)
@@ -85,11 +89,19 @@ def main() -> None:
                  {k: torch_logits(qmodel, v) for k, v in sets.items()})
             del qmodel
 
-        for quant in args.gguf:
-            path = Path(root) / f"model-{quant}.gguf"
-            write_gguf(model, tok, path, quant)
+        files = [(quant, None) for quant in args.gguf]
+        calibrated = [q for q in args.gguf if q in CALIBRATED_TYPES]
+        if calibrated and args.calibration != "none":
+            tensors = sorted({t.hf_name for q in calibrated for t in plan_tensors(model, q)
+                              if t.qtype_name in CALIBRATED_TYPES})
+            hessians, _ = export_hessians(model, tok, args.calibration, 128, tensors)
+            files += [(q, hessians) for q in calibrated]
+        for quant, hessians in files:
+            variant = f"gguf-{quant}" + ("-gptq" if hessians else "")
+            path = Path(root) / f"{variant}.gguf"
+            write_gguf(model, tok, path, quant, hessians=hessians)
             if not llama_cpp_available():
-                print(json.dumps({"variant": f"gguf-{quant}", "runtime": "llama.cpp", "bytes": path.stat().st_size,
+                print(json.dumps({"variant": variant, "runtime": "llama.cpp", "bytes": path.stat().st_size,
                                   "skipped": "llama-cpp-python is not installed (pip install 'kdforge[llamacpp]')"}))
                 continue
             lm = LlamaCppModel(path, n_threads=args.threads, logits_all=True)
@@ -98,7 +110,7 @@ def main() -> None:
             lm = LlamaCppModel(path, n_threads=args.threads)  # logits_all off: decode computes one row
             speed = lm.decode_speed(prompt, args.new_tokens)
             lm.close()
-            emit(f"gguf-{quant}", "llama.cpp", path.stat().st_size, speed, logits)
+            emit(variant, "llama.cpp", path.stat().st_size, speed, logits)
 
 
 if __name__ == "__main__":

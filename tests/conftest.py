@@ -86,9 +86,9 @@ def prompts_file(tmp_path) -> Path:
     return path
 
 
-def kill_when(args: list[str], ready, timeout: float = 120.0) -> int:
-    """Start a kdforge command, SIGKILL it as soon as ``ready()`` is true; its return code
-    (-SIGKILL when it was killed, anything else when it ended first)."""
+def kill_when(args: list[str], ready, timeout: float = 120.0, sig: int | None = None) -> int:
+    """Start a kdforge command, send it ``sig`` (default SIGKILL) as soon as ``ready()`` is true; its
+    return code (-SIGKILL when it was killed, anything else when it ended first)."""
     import os
     import signal
     import subprocess
@@ -100,7 +100,7 @@ def kill_when(args: list[str], ready, timeout: float = 120.0) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if ready():
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(signal.SIGKILL if sig is None else sig)
             break
         time.sleep(0.01)
     proc.wait()

@@ -216,7 +216,7 @@ def test_no_half_written_file_after_failure(small_tokenizer, tmp_path, monkeypat
         write_gguf(model, small_tokenizer, tmp_path / "out" / "m.gguf", "q8_0")
     assert list((tmp_path / "out").iterdir()) == []  # neither m.gguf nor its temporary file
 
-    calls["n"] = 0
+    calls["n"] = 9  # calibrated rounding packs matrices itself: the 3rd call left is a norm after several matrices
     with pytest.raises(OSError, match="simulated"):
         main(["export", str(tmp_path / "src"), "--quant", "q8_0", "--out", str(tmp_path / "art"), "--no-check"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no artifact, no temp folder
@@ -243,6 +243,11 @@ def test_cli_export_writes_artifact_with_roundtrip_report(small_tokenizer, tmp_p
     assert f16["tokenizer"]["match"]
     assert report["files"]["q8_0"]["roundtrip"]["transformers"]["answers"]["top1"] >= 0.95
     assert all("tokenizer" not in p for p in report["problems"])
+    # Calibrated rounding by default: statistics from the model's answers to the training prompts, used for
+    # every q8_0 matrix (7 per layer, and the untied output projection); f16 files need none.
+    assert report["calibration"]["source"] == "auto" and report["calibration"]["tokens"] > 0
+    assert report["files"]["q8_0"]["calibrated_tensors"] == 7 * 2 + 1
+    assert report["files"]["f16"]["calibrated_tensors"] == 0
     meta = read_meta(out)
     assert meta["stage"] == "export" and set(meta["metrics"]) == {"f16", "q8_0"}
     assert main(["export", str(tmp_path / "src"), "--quant", "q3_k", "--out", str(tmp_path / "x")]) == 2
@@ -370,3 +375,30 @@ def test_padded_vocabulary_roundtrips(small_tokenizer, tmp_path):
     assert len(fields["tokenizer.ggml.tokens"].data) == len(small_tokenizer) + 5
     ids = _ids()
     assert (_logits(_reload(path), ids) - _logits(model, ids)).abs().max() < 1e-5
+
+
+def test_export_calibration_from_a_conversations_file(small_tokenizer, tmp_path):
+    from kdforge.cli import main
+
+    model = make_tiny("llama", len(small_tokenizer), seed=6)
+    model.save_pretrained(tmp_path / "src")
+    small_tokenizer.save_pretrained(tmp_path / "src")
+    rows = [{"messages": [{"role": "user", "content": f"Count to {i}."},
+                          {"role": "assistant", "content": " ".join(str(k) for k in range(i))}]} for i in range(3, 9)]
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "export"
+    assert main(["export", str(tmp_path / "src"), "--quant", "q4_0", "--calibration", str(data),
+                 "--calibration-samples", "4", "--no-check", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["source"] == str(data) and report["calibration"]["conversations"] == 4
+    assert report["files"]["q4_0"]["calibrated_tensors"] == 7 * 2 + 1  # tied embedding: via lm_head's input
+    # A calibration path that does not exist: a clear error before anything is written.
+    assert main(["export", str(tmp_path / "src"), "--quant", "q8_0", "--calibration", str(tmp_path / "nope"),
+                 "--no-check", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+    # --calibration none: round to nearest, no statistics.
+    assert main(["export", str(tmp_path / "src"), "--quant", "q8_0", "--calibration", "none", "--no-check",
+                 "--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    assert plain["calibration"] is None and plain["files"]["q8_0"]["calibrated_tensors"] == 0

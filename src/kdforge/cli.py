@@ -7,7 +7,10 @@ overrides (applied last), validates the result before any heavy work, and writes
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -115,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--allow-fallback", action="store_true", default=None, dest="allow_fallback",
                    help="write tensors whose rows do not divide into blocks as f16 instead of failing")
     x.add_argument("--pre", help="llama.cpp pre-tokenizer name (default: detected, e.g. smollm, qwen2)")
+    x.add_argument("--calibration", metavar="auto|none|DATA",
+                   help="calibrated (GPTQ) rounding of q8_0/q4_0 tensors on this text: 'auto' (default: the model's "
+                        "answers to the bundled training prompts), a generate folder or JSONL, or 'none'")
+    x.add_argument("--calibration-samples", type=int, dest="calibration_samples", metavar="N")
     x.add_argument("--no-check", action="store_false", default=None, dest="check", help="skip the round trip")
     x.add_argument("--out")
     _common(x)
@@ -149,7 +156,8 @@ _FLAGS = {
                 "num_attention_heads", "num_key_value_heads", "init"),
     "distill": ("teacher", "labels", "student", "data", "out", "max_steps", "batch_size", "lr"),
     "eval": ("teacher", "students", "names", "data", "out", "limit", "task_limit", "lm_eval_tasks"),
-    "export": ("model", "to", "quant", "keep_f16", "allow_fallback", "pre", "check", "out"),
+    "export": ("model", "to", "quant", "keep_f16", "allow_fallback", "pre", "calibration", "calibration_samples",
+               "check", "out"),
     "quantize": ("model", "method", "group_size", "check", "out"),
     "demo": ("out",),
 }
@@ -188,8 +196,33 @@ def _stage_runner(stage: str) -> tuple[type, Callable[..., Any]]:
     raise ValueError(stage)
 
 
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM (``kill``, a scheduler's timeout) ends a stage like Ctrl-C does: as an exception, so that
+    the stage's clean-up runs (atomic folders remove their temporary copy) instead of dying mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "app", "chat"):  # servers handle their own signals (graceful shutdown)
+        return _run(args)
+    with _terminate_as_exit():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "demo":
             cfg = build_config(DemoConfig, "demo", args.config, args.overrides, _flags(args, "demo"))

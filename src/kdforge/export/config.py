@@ -24,6 +24,10 @@ class ExportConfig(StageConfig):
     allow_fallback: bool = Field(False, description="write tensors whose rows do not divide into blocks as f16 "
                                  "instead of failing")
     pre: str | None = Field(None, description="llama.cpp pre-tokenizer name (default: detected)")
+    calibration: str = Field("auto", description="text for calibrated (GPTQ) rounding of q8_0/q4_0 tensors: "
+                             "'auto' (the model's own answers to the bundled prompts' training split), a "
+                             "`kdforge generate` folder or conversations JSONL, or 'none' (round to nearest)")
+    calibration_samples: int = Field(128, gt=0, description="calibration conversations")
     check: bool = Field(True, description="read the file back and compare logits and token ids")
     check_prompts: int = Field(16, gt=0, description="validation prompts in the round-trip check")
     trust_remote_code: bool = False

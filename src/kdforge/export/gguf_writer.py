@@ -25,7 +25,7 @@ import fnmatch
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ import torch
 from kdforge.artifacts import fsync_dir
 from kdforge.errors import UserError
 from kdforge.export.gguf_tokenizer import tokenizer_metadata
+from kdforge.export.gptq import CALIBRATED_TYPES, gptq_round, pack
 
 
 class GGUFExportError(UserError):
@@ -226,6 +227,14 @@ def plan_tensors(model, quant: str, keep_f16: Sequence[str] = (), allow_fallback
     return planned
 
 
+def _calibrated_blocks(t: _Planned, weight: torch.Tensor, hessian: torch.Tensor) -> np.ndarray:
+    """GPTQ-rounded blocks of a 2-D weight, rows permuted for llama.cpp like `_Planned.array`."""
+    rounded = gptq_round(weight.detach().to("cpu", torch.float32), hessian.cpu(), t.qtype_name)
+    if t.permute_heads:
+        rounded = rounded.permute_rows(permute_qk(np.arange(t.shape[0]), t.permute_heads))
+    return pack(rounded, t.qtype_name)
+
+
 def write_gguf(
     model,
     tokenizer,
@@ -235,11 +244,15 @@ def write_gguf(
     allow_fallback: bool = False,
     pre: str | None = None,
     name: str | None = None,
+    hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Write ``model`` (an HF Llama/Qwen2 causal LM) and ``tokenizer`` to ``path`` as one GGUF file.
 
+    ``hessians`` (state-dict name -> input second moment, see `kdforge.export.calibration`): the Q8_0
+    and Q4_0 tensors named there are rounded by GPTQ instead of to nearest (`kdforge.export.gptq`).
     Returns a summary: file size, tensor count per type, tensors kept at f16 (asked for, or by
-    fallback), and the tokenizer's pre-tokenizer name with how it was chosen.
+    fallback), how many tensors had calibrated rounding, and the tokenizer's pre-tokenizer name with
+    how it was chosen.
     """
     import gguf
     from gguf import quants
@@ -250,6 +263,7 @@ def write_gguf(
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     tok_meta = tokenizer_metadata(tokenizer, model.config, vocab_rows=vocab_rows, pre=pre)
 
+    calibrated = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -262,6 +276,10 @@ def write_gguf(
         state = model.state_dict()
         for t in planned:
             qtype = _qtype(t.qtype_name)
+            if hessians is not None and t.hf_name in hessians and t.qtype_name in CALIBRATED_TYPES:
+                writer.add_tensor(t.name, _calibrated_blocks(t, state[t.hf_name], hessians[t.hf_name]), raw_dtype=qtype)
+                calibrated += 1
+                continue
             w = t.array(state[t.hf_name])  # one tensor at a time: no float32 copy of the whole model
             if t.qtype_name == "f16" and np.abs(w).max(initial=0.0) > 65504.0:
                 raise GGUFExportError(f"tensor {t.name} has values beyond float16's range (65504); "
@@ -289,6 +307,7 @@ def write_gguf(
         "tensor_types": dict(Counter(t.qtype_name for t in planned)),
         "kept_f16": [t.name for t in planned if len(t.shape) > 1 and _matches(t.name, keep_f16)],
         "fallback_f16": fallback,
+        "calibrated_tensors": calibrated,
         "tied_embeddings": _is_tied(model),
         "tokenizer": {"model": tok_meta.model, "pre": tok_meta.pre, "pre_source": tok_meta.pre_source,
                       "tokens": len(tok_meta.tokens), "merges": len(tok_meta.merges),

@@ -50,13 +50,13 @@ MIXED_TEXT = (
 UNNORMALIZED_TEXT = "Cafe\u0301 nai\u0308ve A\u030a \uff21\uff22\uff23 \u2460"  # decomposed accents, fullwidth
 
 
-def _prompts(n: int):
+def _prompts(n: int, split: str = "validation"):
     from kdforge.data.formats import select_split
     from kdforge.data.prompts import BUNDLED, load_prompt_set
 
-    val = select_split(load_prompt_set(BUNDLED), "validation")
-    step = max(1, len(val) // n)
-    return val[::step][:n]  # every k-th: all categories, English and Chinese
+    chosen = select_split(load_prompt_set(BUNDLED), split)
+    step = max(1, len(chosen) // n)
+    return chosen[::step][:n]  # every k-th: all categories, English and Chinese
 
 
 def validation_data(tokenizer, n: int = 16, max_length: int = 256) -> list[EncodedConversation]:
@@ -71,18 +71,21 @@ def validation_data(tokenizer, n: int = 16, max_length: int = 256) -> list[Encod
 
 
 @torch.inference_mode()
-def answer_data(model, tokenizer, n: int = 16, new_tokens: int = 48, batch_size: int = 16) -> list[EncodedConversation]:
+def answer_data(model, tokenizer, n: int = 16, new_tokens: int = 48, batch_size: int = 16,
+                split: str = "validation") -> list[EncodedConversation]:
     """Answers: the same prompts followed by ``model``'s own greedy answer; only answer tokens are targets.
 
     Top-1 agreement here is the share of answer positions where the other model would have picked the
     source's token (teacher-forced): how often its greedy output would start to differ.
+    ``split="train"`` gives calibration text for the export's calibrated rounding, disjoint from the
+    validation prompts its checks use.
     """
     from kdforge.data.chat import IGNORE_INDEX, encode_prompt
     from kdforge.models.loading import end_of_turn_ids
 
     device = next(model.parameters()).device
     stop = set(end_of_turn_ids(tokenizer, model))
-    prompts = [encode_prompt(tokenizer, c.prompt_messages) for c in _prompts(n)]
+    prompts = [encode_prompt(tokenizer, c.prompt_messages) for c in _prompts(n, split)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
     for i in range(0, len(prompts), batch_size):

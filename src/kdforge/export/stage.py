@@ -65,6 +65,27 @@ def _summary_line(rt: dict[str, Any]) -> str:
     return line
 
 
+def _calibrate(cfg: ExportConfig, model, tok) -> tuple[dict | None, dict[str, Any] | None]:
+    """Input statistics for calibrated rounding of the q8_0/q4_0 tensors of every requested file (None
+    when no file needs them or calibration is off)."""
+    from kdforge.export.calibration import export_hessians
+    from kdforge.export.gguf_writer import plan_tensors
+    from kdforge.export.gptq import CALIBRATED_TYPES
+
+    if cfg.calibration == "none":
+        return None, None
+    tensors = {t.hf_name for q in cfg.quant if q in CALIBRATED_TYPES
+               for t in plan_tensors(model, q, cfg.keep_f16, cfg.allow_fallback) if t.qtype_name in CALIBRATED_TYPES}
+    if not tensors:
+        return None, None
+    t0 = time.time()
+    hessians, info = export_hessians(model, tok, cfg.calibration, cfg.calibration_samples, sorted(tensors))
+    info |= {"tensors": len(hessians), "seconds": round(time.time() - t0, 1)}
+    print(f"[kdforge] calibration: {info['conversations']} conversations, {info['tokens']} tokens "
+          f"({info['source']}), input statistics of {len(hessians)} tensors in {info['seconds']} s", flush=True)
+    return hessians, info
+
+
 def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     from kdforge.export.gguf_writer import check_supported, write_gguf
     from kdforge.export.roundtrip import gguf_roundtrip, source_logits, validation_sets
@@ -77,6 +98,7 @@ def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     name = Path(cfg.model).name if not cfg.model.startswith("embedded:") else cfg.model.split(":", 1)[1]
     sets = validation_sets(model, tok, cfg.check_prompts) if cfg.check else {}
     ref = source_logits(model, sets) if cfg.check else None  # the source's logits, computed once
+    hessians, calibration = _calibrate(cfg, model, tok)
     files: dict[str, Any] = {}
     problems: list[str] = []
     with atomic_dir(cfg.out, overwrite=overwrite) as tmp:
@@ -84,7 +106,8 @@ def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
         for quant in cfg.quant:
             fname = f"model-{quant}.gguf"
             t1 = time.time()
-            summary = write_gguf(model, tok, tmp / fname, quant, cfg.keep_f16, cfg.allow_fallback, cfg.pre, name)
+            summary = write_gguf(model, tok, tmp / fname, quant, cfg.keep_f16, cfg.allow_fallback, cfg.pre, name,
+                                 hessians)
             summary["path"] = fname
             summary["write_s"] = round(time.time() - t1, 2)
             if cfg.check:
@@ -94,7 +117,7 @@ def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
             files[quant] = summary
             print(f"[kdforge] export {fname}: {summary['bytes'] / 1e6:.1f} MB" + (
                 _summary_line(summary["roundtrip"]) if cfg.check else ""), flush=True)
-        report = {"model": cfg.model, "files": files, "problems": problems}
+        report = {"model": cfg.model, "calibration": calibration, "files": files, "problems": problems}
         atomic_write_json(tmp / "report.json", report)
         metrics = {q: {"bytes": s["bytes"]} | (_metrics(s["roundtrip"]) if cfg.check else {})
                    for q, s in files.items()}
