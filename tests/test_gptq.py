@@ -137,3 +137,13 @@ def test_calibrated_export_is_closer_to_the_source(arch, small_tokenizer, tmp_pa
         errors[name] = float(((out - ref) ** 2).mean())
     assert errors["calibrated"] < 0.7 * errors["nearest"], errors
 
+
+
+def test_inputs_unseen_in_calibration_keep_their_weights():
+    """A column whose input was always zero is rounded to nearest, not dropped: other text may use it."""
+    w = torch.randn(8, 64)
+    x = _correlated_inputs(500, 64)
+    x[:, 5] = 0.0
+    cal = gptq_round(w, x.T @ x, "q8_0")
+    rtn = round_to_nearest(w, "q8_0")
+    assert torch.equal(cal.q[:, 5], rtn.q[:, 5]) and cal.q[:, 5].abs().sum() > 0

@@ -90,9 +90,10 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, qtype: str, damp: fl
     d = block_scales(weight, qtype)  # (rows, G) fixed before any error is spread
     W = weight.detach().to(torch.float64).clone()  # (rows, cols), float64: the error feedback accumulates
     H = hessian.detach().to(torch.float64).clone()
-    dead = torch.diag(H) == 0  # inputs that were always zero: their column cannot matter
+    # Inputs that were always zero in the calibration text: rounded to nearest (no correlations to spread
+    # their error over). Not zeroed, as GPTQ's reference does: other text may use them.
+    dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     order = torch.argsort(torch.diag(H), descending=True)  # act order
     inverse = torch.argsort(order)
     W, H = W[:, order], H[order][:, order]
