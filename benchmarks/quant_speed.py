@@ -27,8 +27,8 @@ import torch
 from kdforge.data.chat import encode_prompt
 from kdforge.eval.metrics import decode_speed
 from kdforge.eval.report import SPEED_PROMPT
-from kdforge.export.calibration import export_hessians
-from kdforge.export.gguf_writer import plan_tensors, write_gguf
+from kdforge.export.calibration import calibrated_names, export_hessians
+from kdforge.export.gguf_writer import write_gguf
 from kdforge.export.gptq import CALIBRATED_TYPES
 from kdforge.export.llamacpp import LlamaCppModel, llama_cpp_available
 from kdforge.export.roundtrip import logits_agreement, source_logits, torch_logits, validation_sets
@@ -92,9 +92,7 @@ def main() -> None:
         files = [(quant, None) for quant in args.gguf]
         calibrated = [q for q in args.gguf if q in CALIBRATED_TYPES]
         if calibrated and args.calibration != "none":
-            tensors = sorted({t.hf_name for q in calibrated for t in plan_tensors(model, q)
-                              if t.qtype_name in CALIBRATED_TYPES})
-            hessians, _ = export_hessians(model, tok, args.calibration, 128, tensors)
+            hessians, _ = export_hessians(model, tok, args.calibration, 128, calibrated_names(model, calibrated))
             files += [(q, hessians) for q in calibrated]
         for quant, hessians in files:
             variant = f"gguf-{quant}" + ("-gptq" if hessians else "")

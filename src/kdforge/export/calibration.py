@@ -2,7 +2,8 @@
 
 The text is either the model's own greedy answers to the bundled prompt set's *training* split
 (``auto``: the same kind of text the round-trip check measures, on prompts it never uses) or the
-conversations of a `kdforge generate` folder / JSONL file (its training split). Every token of a
+conversations of a `kdforge generate` folder / JSONL file (its training split, spread evenly, as
+`kdforge student` picks its calibration data). Every token of a
 conversation is an input to every Linear, so all of them count, prompt and answer alike.
 """
 
@@ -18,32 +19,39 @@ from kdforge.data.chat import EncodedConversation
 from kdforge.errors import UserError
 
 
-def calibration_text(model, tokenizer, spec: str, samples: int, max_length: int = 512) -> list[EncodedConversation]:
-    """``samples`` calibration conversations from ``spec`` ('auto', a generate folder or a JSONL file)."""
+def calibration_ids(model, tokenizer, spec: str, samples: int, max_length: int = 512) -> list[list[int]]:
+    """Token ids of ``samples`` calibration conversations from ``spec`` ('auto', a generate folder or a JSONL
+    file; files are read as `kdforge student` reads its calibration data)."""
     if spec == "auto":
         from kdforge.export.roundtrip import answer_data
 
-        return answer_data(model, tokenizer, n=samples, new_tokens=64, split="train")
-    from kdforge.data.chat import encode_conversation
-    from kdforge.data.formats import load_training_data, select_split
+        return [e.input_ids for e in answer_data(model, tokenizer, n=samples, new_tokens=64, split="train")]
+    from kdforge.models.build import calibration_batches
 
     if not Path(spec).exists():
         raise UserError(f"calibration data {spec} does not exist; pass a `kdforge generate` output folder, a "
                         "JSONL file of conversations, 'auto' (the model's answers to the bundled prompts) or 'none'")
-    convs = load_training_data(spec)
-    chosen = select_split(convs, "train") or convs  # a file without splits is all training data
-    if not chosen:
-        raise UserError(f"calibration data {spec} holds no conversations")
-    return [encode_conversation(tokenizer, c.messages, max_length) for c in chosen[:samples]]
+    return [ids[0].tolist() for ids in calibration_batches(tokenizer, spec, samples, max_length)]
 
 
-def _batches(data: list[EncodedConversation], pad_id: int, batch_size: int = 8):
+def _batches(data: list[list[int]], pad_id: int, batch_size: int = 8):
     from kdforge.data.batching import collate
 
-    data = sorted(data, key=lambda e: len(e.input_ids))  # similar lengths together: little padding
+    data = sorted(data, key=len)  # similar lengths together: little padding
     for i in range(0, len(data), batch_size):
-        b = collate(data[i:i + batch_size], pad_id)
+        # Right padding (collate), masked out of the statistics: real tokens keep their positions.
+        b = collate([EncodedConversation(ids, ids) for ids in data[i:i + batch_size]], pad_id)
         yield b["input_ids"], b["attention_mask"]
+
+
+def calibrated_names(model, quants: Sequence[str], keep_f16: Sequence[str] = (),
+                     allow_fallback: bool = False) -> list[str]:
+    """State-dict names of the tensors that files of types ``quants`` write as Q8_0/Q4_0 (calibration targets)."""
+    from kdforge.export.gguf_writer import plan_tensors
+    from kdforge.export.gptq import CALIBRATED_TYPES
+
+    return sorted({t.hf_name for q in quants if q in CALIBRATED_TYPES
+                   for t in plan_tensors(model, q, keep_f16, allow_fallback) if t.qtype_name in CALIBRATED_TYPES})
 
 
 def linear_for(model, hf_name: str) -> str | None:
@@ -71,9 +79,9 @@ def export_hessians(model, tokenizer, spec: str, samples: int, tensors: Sequence
 
     readers = {t: linear_for(model, t) for t in tensors}
     readers = {t: m for t, m in readers.items() if m is not None}
-    data = calibration_text(model, tokenizer, spec, samples)
+    data = calibration_ids(model, tokenizer, spec, samples)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     modules = list(dict.fromkeys(readers.values()))
     hessians = collect_hessians(model, _batches(data, pad), modules)
-    info = {"source": spec, "conversations": len(data), "tokens": sum(len(e.input_ids) for e in data)}
+    info = {"source": spec, "conversations": len(data), "tokens": sum(map(len, data))}
     return {t: hessians[m] for t, m in readers.items() if m in hessians}, info

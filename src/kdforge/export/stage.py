@@ -68,18 +68,15 @@ def _summary_line(rt: dict[str, Any]) -> str:
 def _calibrate(cfg: ExportConfig, model, tok) -> tuple[dict | None, dict[str, Any] | None]:
     """Input statistics for calibrated rounding of the q8_0/q4_0 tensors of every requested file (None
     when no file needs them or calibration is off)."""
-    from kdforge.export.calibration import export_hessians
-    from kdforge.export.gguf_writer import plan_tensors
-    from kdforge.export.gptq import CALIBRATED_TYPES
+    from kdforge.export.calibration import calibrated_names, export_hessians
 
     if cfg.calibration == "none":
         return None, None
-    tensors = {t.hf_name for q in cfg.quant if q in CALIBRATED_TYPES
-               for t in plan_tensors(model, q, cfg.keep_f16, cfg.allow_fallback) if t.qtype_name in CALIBRATED_TYPES}
+    tensors = calibrated_names(model, cfg.quant, cfg.keep_f16, cfg.allow_fallback)
     if not tensors:
         return None, None
     t0 = time.time()
-    hessians, info = export_hessians(model, tok, cfg.calibration, cfg.calibration_samples, sorted(tensors))
+    hessians, info = export_hessians(model, tok, cfg.calibration, cfg.calibration_samples, tensors)
     info |= {"tensors": len(hessians), "seconds": round(time.time() - t0, 1)}
     print(f"[kdforge] calibration: {info['conversations']} conversations, {info['tokens']} tokens "
           f"({info['source']}), input statistics of {len(hessians)} tensors in {info['seconds']} s", flush=True)
