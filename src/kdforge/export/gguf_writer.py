@@ -36,7 +36,7 @@ import torch
 from kdforge.artifacts import fsync_dir
 from kdforge.errors import UserError
 from kdforge.export.gguf_tokenizer import tokenizer_metadata
-from kdforge.export.gptq import CALIBRATED_TYPES, gptq_round, pack
+from kdforge.export.gptq import CALIBRATED_TYPES, gptq_round, pack, reference_scales, round_to_nearest
 
 
 class GGUFExportError(UserError):
@@ -227,12 +227,18 @@ def plan_tensors(model, quant: str, keep_f16: Sequence[str] = (), allow_fallback
     return planned
 
 
-def _calibrated_blocks(t: _Planned, weight: torch.Tensor, hessian: torch.Tensor) -> np.ndarray:
-    """GPTQ-rounded blocks of a 2-D weight, rows permuted for llama.cpp like `_Planned.array`."""
-    rounded = gptq_round(weight.detach().to("cpu", torch.float32), hessian.cpu(), t.qtype_name)
+def _rounded_blocks(t: _Planned, weight: torch.Tensor, hessian: torch.Tensor | None) -> tuple[np.ndarray, int]:
+    """Q8_0/Q4_0 blocks of a 2-D weight, rounded by GPTQ (``hessian`` given) or to nearest, rows permuted
+    for llama.cpp like `_Planned.array`; with how many blocks got a scale fitted to the source's grid."""
+    w = weight.detach().to("cpu", torch.float32)
+    if hessian is not None:
+        rounded = gptq_round(w, hessian.cpu(), t.qtype_name)
+    else:
+        rounded = round_to_nearest(w, t.qtype_name)
+    fitted = int((rounded.d != reference_scales(w, t.qtype_name)).sum())
     if t.permute_heads:
         rounded = rounded.permute_rows(permute_qk(np.arange(t.shape[0]), t.permute_heads))
-    return pack(rounded, t.qtype_name)
+    return pack(rounded, t.qtype_name), fitted
 
 
 def write_gguf(
@@ -249,10 +255,11 @@ def write_gguf(
     """Write ``model`` (an HF Llama/Qwen2 causal LM) and ``tokenizer`` to ``path`` as one GGUF file.
 
     ``hessians`` (state-dict name -> input second moment, see `kdforge.export.calibration`): the Q8_0
-    and Q4_0 tensors named there are rounded by GPTQ instead of to nearest (`kdforge.export.gptq`).
+    and Q4_0 tensors named there are rounded by GPTQ instead of to nearest (`kdforge.export.gptq`). Q8_0
+    blocks whose values lie on a coarser grid (a quantised source) get scales fitted to it either way.
     Returns a summary: file size, tensor count per type, tensors kept at f16 (asked for, or by
-    fallback), how many tensors had calibrated rounding, and the tokenizer's pre-tokenizer name with
-    how it was chosen.
+    fallback), how many tensors had calibrated rounding and how many blocks a grid-fitted scale, and
+    the tokenizer's pre-tokenizer name with how it was chosen.
     """
     import gguf
     from gguf import quants
@@ -263,7 +270,7 @@ def write_gguf(
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     tok_meta = tokenizer_metadata(tokenizer, model.config, vocab_rows=vocab_rows, pre=pre)
 
-    calibrated = 0
+    calibrated = grid_fitted = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -276,9 +283,13 @@ def write_gguf(
         state = model.state_dict()
         for t in planned:
             qtype = _qtype(t.qtype_name)
-            if hessians is not None and t.hf_name in hessians and t.qtype_name in CALIBRATED_TYPES:
-                writer.add_tensor(t.name, _calibrated_blocks(t, state[t.hf_name], hessians[t.hf_name]), raw_dtype=qtype)
-                calibrated += 1
+            hessian = (hessians or {}).get(t.hf_name) if t.qtype_name in CALIBRATED_TYPES else None
+            if hessian is not None or t.qtype_name == "q8_0":
+                # Q8_0 always takes kdforge's own rounding, for the scales fitted to a quantised source.
+                data, fitted = _rounded_blocks(t, state[t.hf_name], hessian)
+                writer.add_tensor(t.name, data, raw_dtype=qtype)
+                calibrated += hessian is not None
+                grid_fitted += fitted
                 continue
             w = t.array(state[t.hf_name])  # one tensor at a time: no float32 copy of the whole model
             if t.qtype_name == "f16" and np.abs(w).max(initial=0.0) > 65504.0:
@@ -308,6 +319,7 @@ def write_gguf(
         "kept_f16": [t.name for t in planned if len(t.shape) > 1 and _matches(t.name, keep_f16)],
         "fallback_f16": fallback,
         "calibrated_tensors": calibrated,
+        "grid_fitted_blocks": grid_fitted,
         "tied_embeddings": _is_tied(model),
         "tokenizer": {"model": tok_meta.model, "pre": tok_meta.pre, "pre_source": tok_meta.pre_source,
                       "tokens": len(tok_meta.tokens), "merges": len(tok_meta.merges),
