@@ -86,22 +86,26 @@ def fit_source_grid(weight: torch.Tensor, reference: torch.Tensor, lo: int, hi: 
     validation answers (docs/export-and-quantize.md). Trained weights have 32 distinct values close
     together: almost no block has a candidate, and a candidate is only taken where it rounds better.
     """
-    rows_per_chunk = max(1, (1 << 24) // weight.shape[1])  # ~64 MB of float32 at a time (big embeddings)
-    return torch.cat([_fit_rows(weight[i:i + rows_per_chunk], reference[i:i + rows_per_chunk], lo, hi)
-                      for i in range(0, weight.shape[0], rows_per_chunk)])
+    n = _chunk_rows(weight)  # ~16 M weights at a time (big embeddings)
+    return torch.cat([_fit_rows(weight[i:i + n], reference[i:i + n], lo, hi) for i in range(0, weight.shape[0], n)])
 
 
 def _fit_rows(weight: torch.Tensor, reference: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    blocks = weight.detach().float().reshape(weight.shape[0], -1, BLOCK)  # (rows, G, 32)
-    best_d = reference.float()  # (rows, G)
-    best_err = _block_error(blocks, best_d, lo, hi)
-    amax = blocks.abs().amax(-1)
+    best = reference.clone().reshape(-1)  # (rows·G,) fp16
+    blocks = weight.detach().float().reshape(-1, BLOCK)  # (N, 32), N = rows·G
+    amax = blocks.abs().amax(-1)  # (N,)
     ordered = torch.sort(blocks, dim=-1).values
-    gaps = ordered[..., 1:] - ordered[..., :-1]  # (rows, G, 31)
-    gap = torch.where(gaps > 0, gaps, torch.full_like(gaps, float("inf"))).amin(-1)  # (rows, G)
+    gaps = ordered[:, 1:] - ordered[:, :-1]  # (N, 31)
+    gap = torch.where(gaps > 0, gaps, torch.full_like(gaps, float("inf"))).amin(-1)  # (N,)
     # The finest step g/k that still keeps amax within the range: k <= g·hi/amax.
-    k_max = torch.where(torch.isfinite(gap) & (amax > 0), torch.floor(gap * hi / amax.clamp_min(1e-30)),
-                        torch.zeros_like(gap)).clamp(max=4 * hi)
+    k_max = torch.floor(gap * hi / amax.clamp_min(1e-30)).clamp(max=4 * hi)
+    k_max = torch.where(torch.isfinite(gap) & (amax > 0), k_max, torch.zeros_like(k_max))
+    idx = torch.nonzero(k_max >= 1).squeeze(1)  # the only blocks with a candidate (~0.5% of trained weights)
+    if idx.numel() == 0:
+        return best.reshape(reference.shape)
+    blocks, gap, k_max = blocks[idx], gap[idx], k_max[idx]
+    best_d = best[idx].float()
+    best_err = _block_error(blocks, best_d, lo, hi)
     for k in range(1, int(k_max.max().item()) + 1):
         candidate = (gap / k).half().float()
         usable = (k <= k_max) & (candidate > 0)
@@ -109,11 +113,12 @@ def _fit_rows(weight: torch.Tensor, reference: torch.Tensor, lo: int, hi: int) -
         better = usable & (err < best_err)
         best_err = torch.where(better, err, best_err)
         best_d = torch.where(better, candidate, best_d)
-    return best_d.half()
+    best[idx] = best_d.half()
+    return best.reshape(reference.shape)
 
 
 def _block_error(blocks: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """(rows, G) squared error of rounding ``blocks`` (rows, G, 32) to nearest with scales ``d`` (rows, G)."""
+    """(N,) squared error of rounding ``blocks`` (N, 32) to nearest with scales ``d`` (N,)."""
     q = _round(blocks, d[..., None], lo, hi)
     return ((blocks - q * d[..., None]) ** 2).sum(-1)
 
@@ -127,8 +132,17 @@ def _round(w: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 def round_to_nearest(weight: torch.Tensor, qtype: str) -> Rounded:
     """The uncalibrated baseline, with the same scales as `gptq_round`."""
     d = block_scales(weight, qtype)
-    scales = d.double().repeat_interleave(BLOCK, dim=1)
-    return Rounded(_round(weight.double(), scales, *_RANGE[qtype]).to(torch.int8), d)
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    # Rows in chunks of ~16 M weights: a float64 copy of a whole 150k-row embedding would need gigabytes.
+    for i in range(0, weight.shape[0], _chunk_rows(weight)):
+        rows = slice(i, i + _chunk_rows(weight))
+        w = weight[rows].double().reshape(-1, d.shape[1], BLOCK)  # (chunk, G, 32)
+        q[rows] = _round(w, d[rows].double()[..., None], *_RANGE[qtype]).to(torch.int8).reshape(-1, weight.shape[1])
+    return Rounded(q, d)
+
+
+def _chunk_rows(weight: torch.Tensor) -> int:
+    return max(1, (1 << 24) // weight.shape[1])
 
 
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, qtype: str, damp: float = 0.01,
