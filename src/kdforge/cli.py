@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task-limit", type=int, dest="task_limit", help="at most N task items of each type")
     e.add_argument("--lm-eval-tasks", nargs="+", dest="lm_eval_tasks", metavar="TASK",
                    help="lm-evaluation-harness tasks, e.g. kdforge_qa kdforge_code (needs kdforge[lmeval])")
+    e.add_argument("--backend", choices=["auto", "transformers", "llama.cpp"],
+                   help="runtime of GGUF students (auto: llama.cpp when llama-cpp-python is installed)")
     _common(e)
 
     x = sub.add_parser("export", help="write a model as GGUF (llama.cpp/Ollama) and check that it round-trips")
@@ -155,7 +157,7 @@ _FLAGS = {
     "student": ("teacher", "out", "method", "num_layers", "layers", "hidden_size", "intermediate_size",
                 "num_attention_heads", "num_key_value_heads", "init"),
     "distill": ("teacher", "labels", "student", "data", "out", "max_steps", "batch_size", "lr"),
-    "eval": ("teacher", "students", "names", "data", "out", "limit", "task_limit", "lm_eval_tasks"),
+    "eval": ("teacher", "students", "names", "data", "out", "limit", "task_limit", "lm_eval_tasks", "backend"),
     "export": ("model", "to", "quant", "keep_f16", "allow_fallback", "pre", "calibration", "calibration_samples",
                "check", "out"),
     "quantize": ("model", "method", "group_size", "check", "out"),

@@ -217,6 +217,9 @@ class EvalConfig(StageConfig):
     decode_tokens: int = Field(64, gt=0, description="greedy tokens generated to time decoding")
     device: str = "auto"
     trust_remote_code: bool = False
+    backend: Literal["auto", "transformers", "llama.cpp"] = Field(
+        "auto", description="runtime of GGUF students: llama.cpp (auto: when llama-cpp-python is installed) or "
+        "transformers' GGUF loader (dequantised to fp32); HF folders and the teacher always run in transformers")
     # the task set: short answers (normalised exact match) and code (run against tests)
     tasks: bool = Field(True, description="score every model on the task set")
     task_file: str = Field("bundled", description="'bundled' (src/kdforge/eval/tasks.jsonl) or a JSONL task file")

@@ -52,8 +52,13 @@ def agreement_by_category(teacher, models: list, data: list[EncodedConversation]
         entropy.index_add_(0, row_cat, ent.double().cpu())
         t_top = t_logits.argmax(-1)  # (N,)
         for s, m in zip(sums, models):
-            logits = t_logits if m is teacher else target_logits(
-                m, b["input_ids"], b["attention_mask"], b["labels"], vocab, DEFAULT_PACK_LENGTH)[0]
+            if m is teacher:
+                logits = t_logits
+            elif getattr(m, "backend", None) == "llama.cpp":  # kdforge.eval.llamacpp_model.LlamaCppLM
+                logits = m.target_logits(b["input_ids"], b["attention_mask"], b["labels"], vocab).to(t_logits.device)
+            else:
+                logits = target_logits(m, b["input_ids"], b["attention_mask"], b["labels"], vocab,
+                                       DEFAULT_PACK_LENGTH)[0]
             per_row = {"nll": hard_ce(logits, targets),
                        "kl": divergence(logits, t_logits, "forward_kl", chunk_size=1024),
                        "top1": (logits.argmax(-1) == t_top).float()}  # each (N,)

@@ -37,7 +37,7 @@ def shared_vocab_size(tokenizer, *models) -> int:
     """Length of the tokenizer's vocabulary, which every model's logits must cover."""
     n = len(tokenizer)
     for m in models:
-        rows = m.get_output_embeddings().weight.shape[0]
+        rows = getattr(m, "vocab_rows", None) or m.get_output_embeddings().weight.shape[0]  # llama.cpp: n_vocab
         if rows < n:
             raise ValueError(f"a model has {rows} output rows but the tokenizer has {n} tokens")
     return n

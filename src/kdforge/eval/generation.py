@@ -43,6 +43,8 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     from transformers import GenerationConfig
 
     sampling = sampling or Sampling()
+    if getattr(model, "backend", None) == "llama.cpp":
+        return _generate_llama_cpp(model, tokenizer, prompts, max_new_tokens, sampling, num_samples)
     device = next(model.parameters()).device
     stop_ids = end_of_turn_ids(tokenizer, model)
     texts = render_prompts(tokenizer, prompts)
@@ -71,4 +73,24 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
         for r, row in enumerate(gen[:, width:].tolist()):
             cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
             out[idx[r // num_samples]].append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return out
+
+
+def _generate_llama_cpp(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling: Sampling,
+                        num_samples: int) -> list[list[str]]:
+    """`generate_texts` for a `kdforge.eval.llamacpp_model.LlamaCppLM`: one prompt at a time, the same
+    rendering, stop tokens and decoding; samples drawn from one seeded generator per prompt."""
+    from kdforge.serve.sampling import make_generator
+
+    stop_ids = end_of_turn_ids(tokenizer)
+    out: list[list[str]] = []
+    for i, text in enumerate(render_prompts(tokenizer, prompts)):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        generator = make_generator(sampling.seed * 1_000_003 + i)
+        answers = []
+        for _ in range(num_samples):
+            row = model.generate_ids(ids, max_new_tokens, stop_ids, len(tokenizer), sampling.temperature,
+                                     sampling.top_p, generator)
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        out.append(answers)
     return out

@@ -77,11 +77,12 @@ def _speed(report: dict[str, Any]) -> str:
     rows = []
     for m in report["models"]:
         s = m.get("speed") or {}
-        rows.append([m["name"], cell(m["params_m"], "{:.1f}"), cell(m["size"]["disk_mb"], "{:.1f}"),
+        rows.append([m["name"], m.get("backend", "transformers"), cell(m["params_m"], "{:.1f}"),
+                     cell(m["size"]["disk_mb"], "{:.1f}"),
                      cell(s.get("ttft_ms_b1"), "{:.0f}"), cell(s.get("decode_tokens_per_s_b1"), "{:.1f}"),
                      cell(s.get("ttft_ms_bn"), "{:.0f}"), cell(s.get("decode_tokens_per_s_bn"), "{:.1f}"),
                      cell(s.get("peak_rss_mb"), "{:.0f}"), cell(s.get("threads", report["threads"]))])
-    return table(["model", "params (M)", "weights on disk (MB)", "TTFT b1 (ms)", "decode tok/s b1",
+    return table(["model", "runtime", "params (M)", "weights on disk (MB)", "TTFT b1 (ms)", "decode tok/s b1",
                   f"TTFT b{b} (ms)", f"decode tok/s b{b}", "peak RSS (MB)", "threads"], rows)
 
 

@@ -27,6 +27,7 @@ from kdforge.data.batching import shared_vocab_size
 from kdforge.data.chat import encode_conversation
 from kdforge.data.formats import load_training_data, select_split
 from kdforge.eval import markdown
+from kdforge.eval.llamacpp_model import LlamaCppLM, backend_for
 from kdforge.models.loading import count_parameters, load_model
 
 SPEED_PROMPT = [{"role": "user", "content": "Write a short paragraph about why the sky is blue."}]
@@ -85,10 +86,19 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
 
         items = load_tasks(cfg.task_file, cfg.task_limit)
     convs = select_split(load_training_data(cfg.data), cfg.split, cfg.limit)
+    backends = ["transformers"] + [backend_for(s, cfg.backend) for s in cfg.students]
+    if cfg.lm_eval_tasks:
+        cpp = [n for n, b in zip(names, backends) if b == "llama.cpp" and n in set(cfg.lm_eval_models or names)]
+        if cpp:
+            raise ConfigError(f"lm-eval runs transformers models only; {', '.join(cpp)} would run in llama.cpp: "
+                              "leave them out with lm_eval_models, or set backend: transformers")
 
     teacher, tok = load_model(cfg.teacher, cfg.device, trust_remote_code=cfg.trust_remote_code)
     models = [teacher]
-    for spec in cfg.students:
+    for spec, backend in zip(cfg.students, backends[1:]):
+        if backend == "llama.cpp":
+            models.append(LlamaCppLM(spec, score_context=cfg.max_length, threads=cfg.threads))
+            continue
         m, _ = load_model(spec, cfg.device, trust_remote_code=cfg.trust_remote_code)
         models.append(m)
     vocab = shared_vocab_size(tok, *models)
@@ -112,9 +122,12 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
     agree = agreement_by_category(teacher, models, [e for _, e in pairs], [c.category for c, _ in pairs],
                                   tok.pad_token_id, vocab, cfg.batch_size)
     rows: list[dict[str, Any]] = []
-    for name, spec, m, q in zip(names, specs, models, agree["models"]):
-        rows.append({"name": name, "path": spec, "params_m": count_parameters(m) / 1e6,
+    for name, spec, backend, m, q in zip(names, specs, backends, models, agree["models"]):
+        params = m.num_parameters() if backend == "llama.cpp" else count_parameters(m)
+        rows.append({"name": name, "path": spec, "backend": backend, "params_m": params / 1e6,
                      "nll": q["nll"], "kl": q["kl"], "top1": q["top1"], "by_category": q["by_category"]})
+        if backend == "llama.cpp":
+            m.release_scorer()  # its (context × vocab) logit buffer is not needed for generation
 
     lap("agreement")
 
@@ -185,6 +198,9 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
         lap("lm_eval")
 
     # 4. speed and size, each model in its own process (free ours first: less memory pressure)
+    for m in models:
+        if getattr(m, "backend", None) == "llama.cpp":
+            m.close()
     del models, teacher
     gc.collect()
     from kdforge.eval.speed import bytes_on_disk, measure_models
@@ -196,7 +212,7 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
     if cfg.speed:
         print(f"[eval] speed: {len(rows)} models, batch 1 and {cfg.speed_batch}", flush=True)
         speeds = measure_models(specs, SPEED_PROMPT, cfg.decode_tokens, cfg.speed_batch, cfg.threads, cfg.device,
-                                cfg.trust_remote_code)
+                                cfg.trust_remote_code, backends)
         for row, sp in zip(rows, speeds):
             row["speed"] = {k: sp[k] for k in ("ttft_ms_b1", "decode_tokens_per_s_b1", "ttft_ms_bn",
                                                "decode_tokens_per_s_bn", "peak_rss_mb", "rss_start_mb", "threads")}

@@ -73,6 +73,8 @@ def measure_one(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     rss_start = (_status_kb("VmRSS") or 0) / 1024
+    if job.get("backend") == "llama.cpp":
+        return _measure_llama_cpp(job, rss_start)
     model, tok = load_model(job["spec"], job.get("device", "auto"),
                             trust_remote_code=job.get("trust_remote_code", False))
     prompt_ids = encode_prompt(tok, job["prompt"])
@@ -82,6 +84,28 @@ def measure_one(job: dict[str, Any]) -> dict[str, Any]:
             "batch": job["batch"], "new_tokens": job["new_tokens"],
             "ttft_ms_b1": b1["ttft_s"] * 1000, "decode_tokens_per_s_b1": b1["decode_tokens_per_s"],
             "ttft_ms_bn": bn["ttft_s"] * 1000, "decode_tokens_per_s_bn": bn["decode_tokens_per_s"],
+            "rss_start_mb": rss_start, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _measure_llama_cpp(job: dict[str, Any], rss_start: float) -> dict[str, Any]:
+    """A GGUF file in llama.cpp: batch 1 only (the Python binding decodes one sequence), with as many
+    threads as torch would use, so both runtimes get the same cores."""
+    import torch
+
+    from kdforge.data.chat import encode_prompt
+    from kdforge.eval.llamacpp_model import gguf_parameters
+    from kdforge.export.llamacpp import LlamaCppModel
+    from kdforge.models.loading import load_tokenizer, resolve_model
+
+    src = resolve_model(job["spec"])
+    prompt_ids = encode_prompt(load_tokenizer(job["spec"]), job["prompt"])
+    model = LlamaCppModel(src.folder / src.gguf_file, n_ctx=len(prompt_ids) + job["new_tokens"] + 8,
+                          n_threads=int(job.get("threads") or torch.get_num_threads()))
+    b1 = model.decode_speed(prompt_ids, job["new_tokens"])
+    return {"params": gguf_parameters(src.folder / src.gguf_file), "threads": model.n_threads,
+            "prompt_tokens": len(prompt_ids), "batch": job["batch"], "new_tokens": job["new_tokens"],
+            "ttft_ms_b1": b1["ttft_s"] * 1000, "decode_tokens_per_s_b1": b1["decode_tokens_per_s"],
+            "ttft_ms_bn": None, "decode_tokens_per_s_bn": None,
             "rss_start_mb": rss_start, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -130,11 +154,13 @@ def serve() -> None:
 
 
 def measure_models(specs: list[str], prompt: list[dict[str, str]], new_tokens: int, batch: int,
-                   threads: int | None = None, device: str = "auto",
-                   trust_remote_code: bool = False) -> list[dict[str, Any]]:
-    """Speed and memory of each model, each measured in its own (forked) process."""
+                   threads: int | None = None, device: str = "auto", trust_remote_code: bool = False,
+                   backends: list[str] | None = None) -> list[dict[str, Any]]:
+    """Speed and memory of each model, each measured in its own (forked) process; ``backends`` (one per
+    spec, default all ``transformers``) says which run in llama.cpp."""
+    backends = backends or ["transformers"] * len(specs)
     jobs = [{"spec": s, "prompt": prompt, "new_tokens": new_tokens, "batch": batch, "threads": threads,
-             "device": device, "trust_remote_code": trust_remote_code} for s in specs]
+             "device": device, "trust_remote_code": trust_remote_code, "backend": b} for s, b in zip(specs, backends)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if hasattr(os, "fork") and Path("/proc/self/status").exists():
         proc = subprocess.Popen([sys.executable, "-m", "kdforge.eval.speed", "--serve"], stdin=subprocess.PIPE,
