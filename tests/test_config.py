@@ -13,10 +13,11 @@ from kdforge.config import (
     build_config,
     parse_override,
 )
+from kdforge.export.config import ExportConfig, QuantizeConfig
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 CLASSES = {"generate": GenerateConfig, "label": LabelConfig, "student": StudentConfig, "distill": DistillConfig,
-           "eval": EvalConfig, "demo": DemoConfig}
+           "eval": EvalConfig, "demo": DemoConfig, "export": ExportConfig, "quantize": QuantizeConfig}
 
 
 def test_override_parsing():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdforge.distill.schedules import Schedule, as_schedule
 from kdforge.errors import UserError
@@ -264,7 +264,7 @@ class EvalConfig(StageConfig):
 
 
 class DemoConfig(StageConfig):
-    """`kdforge demo`: generate -> student -> distill -> eval on the embedded teacher."""
+    """`kdforge demo`: generate -> label -> student -> distill -> export -> eval on the embedded teacher."""
 
     teacher: str = "embedded:smollm2-135m-instruct"
     out: str = "demo_out"
@@ -283,6 +283,20 @@ class DemoConfig(StageConfig):
     top_k: int = Field(64, gt=1)
     eval_task_limit: int | None = Field(None, gt=0, description="at most N task items of each type in the eval "
                                         "stage (None: the whole task set)")
+    export_quant: list[str] = Field(default_factory=lambda: ["q8_0"], description="GGUF files of the distilled "
+                                    "student, each round-tripped and compared in the eval stage ([]: no export)")
+    export_calibration_samples: int = Field(128, gt=0, description="calibration answers for the export's rounding")
+    export_check_prompts: int = Field(16, gt=0, description="validation prompts in the export's round-trip check")
+
+    @field_validator("export_quant")
+    @classmethod
+    def _export_types(cls, v: list[str]) -> list[str]:
+        from kdforge.export.gguf_writer import QUANT_NAMES  # here: kdforge.export imports this module
+
+        bad = [x for x in v if x.lower() not in QUANT_NAMES]
+        if bad:
+            raise ValueError(f"unknown GGUF type(s) {bad}; the gguf package writes: {', '.join(QUANT_NAMES)}")
+        return list(dict.fromkeys(x.lower() for x in v))
 
 
 T = TypeVar("T", bound=StageConfig)
