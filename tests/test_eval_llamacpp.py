@@ -129,7 +129,8 @@ def test_eval_runs_a_gguf_student_in_llama_cpp(tiny_model_dir, tmp_path):
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     hf, cpp = report["models"][1], report["models"][2]
     assert (hf["backend"], cpp["backend"]) == ("transformers", "llama.cpp")
-    assert cpp["top1"] == 1.0 and cpp["kl"] < 1e-3 and abs(cpp["nll"] - hf["nll"]) < 1e-2
+    # F32 weights, but llama.cpp keeps an f16 KV cache: a near-tie of the random model may flip.
+    assert cpp["top1"] >= 0.95 and cpp["kl"] < 1e-3 and abs(cpp["nll"] - hf["nll"]) < 1e-2
     assert cpp["params_m"] == pytest.approx(hf["params_m"], rel=0.01)
     assert cpp["speed"]["decode_tokens_per_s_b1"] > 0 and cpp["speed"]["decode_tokens_per_s_bn"] is None
     assert "| cpp | llama.cpp |" in (tmp_path / "ev" / "report.md").read_text()

@@ -233,7 +233,7 @@ class EvalConfig(StageConfig):
     stability_prompts: int = Field(8, ge=0, description="prompts to sample (0: off)")
     stability_samples: int = Field(4, ge=2, description="sampled answers per prompt")
     stability_max_new_tokens: int = Field(48, gt=0)
-    stability_temperature: float = Field(0.7, gt=0)
+    stability_temperature: float = Field(0.7, gt=0, le=2, description="as the serve stage's sampler: (0, 2]")
     stability_top_p: float = Field(0.9, gt=0, le=1)
     seed: int = 0
     # speed and size
@@ -287,6 +287,11 @@ class DemoConfig(StageConfig):
                                     "student, each round-tripped and compared in the eval stage ([]: no export)")
     export_calibration_samples: int = Field(128, gt=0, description="calibration answers for the export's rounding")
     export_check_prompts: int = Field(16, gt=0, description="validation prompts in the export's round-trip check")
+
+    @field_validator("export_quant", mode="before")
+    @classmethod
+    def _split_types(cls, v):
+        return [x for x in v.replace(",", " ").split() if x] if isinstance(v, str) else v  # --set export_quant=q8_0
 
     @field_validator("export_quant")
     @classmethod

@@ -58,12 +58,16 @@ class LlamaCppLM:
         src = resolve_model(spec)
         if not src.gguf_file:
             raise ModelLoadError(f"{src.display} is not a GGUF file; the llama.cpp backend reads .gguf files only")
+        from kdforge.export.llamacpp import LlamaCppModel
+
         self.path = src.folder / src.gguf_file
-        self.threads = threads
+        self.threads = threads or torch.get_num_threads()  # the cores torch would use (affinity, cgroups)
         self.score_context = score_context
         self._scorer = None  # logits at every position (agreement): n_ctx × V floats, freed after use
         self._generator = None  # last-position logits only (tasks, stability)
-        self.vocab_rows = self._model(logits_all=False).llm.n_vocab()
+        vocab_only = LlamaCppModel(self.path, n_ctx=8, vocab_only=True)
+        self.vocab_rows = vocab_only.llm.n_vocab()
+        vocab_only.close()
 
     def _model(self, logits_all: bool):
         from kdforge.export.llamacpp import LlamaCppModel
@@ -111,11 +115,14 @@ class LlamaCppLM:
 
         llm = self._model(logits_all=False).llm
         params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature or 1.0, top_p=top_p)
+        if len(prompt_ids) >= GENERATE_CONTEXT:
+            raise ValueError(f"a prompt of {len(prompt_ids)} tokens does not fit the llama.cpp generation context "
+                             f"({GENERATE_CONTEXT} tokens)")
         budget = min(max_new_tokens, GENERATE_CONTEXT - len(prompt_ids))
         llm.reset()
         llm.eval(prompt_ids)
         out: list[int] = []
-        for _ in range(max(budget, 0)):
+        for _ in range(budget):
             logits = torch.from_numpy(np.array(self._last_logits(llm)[:vocab], dtype=np.float32))  # (vocab,)
             if temperature is None:
                 token = int(logits.argmax())

@@ -68,6 +68,9 @@ class LlamaCppModel:
         """Greedy batch-1 decoding: time to first token and decode tokens/s after it (best of ``repeats``)."""
 
         def timed(n: int) -> tuple[float, float]:
+            # generate() would reuse the KV cache of a previous call's matching prefix and evaluate only
+            # the last prompt token: empty it, so that every run pays for the whole prompt.
+            self.llm.reset()
             t0 = time.perf_counter()
             first = 0.0
             count = 0
