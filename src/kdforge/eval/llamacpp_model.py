@@ -12,34 +12,32 @@ the same ids).
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from kdforge.config import ConfigError
+from kdforge.export.llamacpp import INSTALL_HINT, LlamaCppModel, llama_cpp_available
 from kdforge.models.forward import target_positions
-from kdforge.models.loading import EMBEDDED_PREFIX, ModelLoadError, resolve_model
+from kdforge.models.loading import ModelLoadError, is_gguf_file, resolve_model
 
 BACKENDS = ("auto", "transformers", "llama.cpp")
 GENERATE_CONTEXT = 4096  # prompt + answer tokens a generation may hold
 
 
-def is_gguf(spec: str) -> bool:
-    return Path(spec).suffix.lower() == ".gguf" and not spec.startswith(EMBEDDED_PREFIX)
-
-
 def backend_for(spec: str, backend: str) -> str:
-    """The runtime a student runs on: llama.cpp only for GGUF files (``auto``: when it is installed)."""
+    """The runtime a student runs on: llama.cpp only for GGUF files (``auto``: when it is installed, as
+    the serve stage chooses)."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if not is_gguf(spec) or backend == "transformers":
+    if not is_gguf_file(spec) or backend == "transformers":
         return "transformers"
-    if backend == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
-        raise ConfigError(f"backend llama.cpp for {spec} needs llama-cpp-python: pip install 'kdforge[llamacpp]' "
-                          "(it compiles llama.cpp, several minutes), or use backend transformers")
-    return "llama.cpp" if importlib.util.find_spec("llama_cpp") is not None else "transformers"
+    installed = llama_cpp_available()
+    if backend == "llama.cpp" and not installed:
+        raise ConfigError(f"backend llama.cpp for {spec} needs llama-cpp-python: {INSTALL_HINT}, "
+                          "or use backend transformers")
+    return "llama.cpp" if installed else "transformers"
 
 
 def gguf_parameters(path: str | Path) -> int:
@@ -58,8 +56,6 @@ class LlamaCppLM:
         src = resolve_model(spec)
         if not src.gguf_file:
             raise ModelLoadError(f"{src.display} is not a GGUF file; the llama.cpp backend reads .gguf files only")
-        from kdforge.export.llamacpp import LlamaCppModel
-
         self.path = src.folder / src.gguf_file
         self.threads = threads or torch.get_num_threads()  # the cores torch would use (affinity, cgroups)
         self.score_context = score_context
@@ -70,8 +66,6 @@ class LlamaCppLM:
         vocab_only.close()
 
     def _model(self, logits_all: bool):
-        from kdforge.export.llamacpp import LlamaCppModel
-
         if logits_all and self._scorer is None:
             self._scorer = LlamaCppModel(self.path, n_ctx=self.score_context, n_threads=self.threads, logits_all=True)
         if not logits_all and self._generator is None:

@@ -198,8 +198,8 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
         lap("lm_eval")
 
     # 4. speed and size, each model in its own process (free ours first: less memory pressure)
-    for m in models:
-        if getattr(m, "backend", None) == "llama.cpp":
+    for m, backend in zip(models, backends):
+        if backend == "llama.cpp":
             m.close()
     del models, teacher
     gc.collect()

@@ -138,8 +138,9 @@ def round_to_nearest(weight: torch.Tensor, qtype: str) -> Rounded:
     d = block_scales(weight, qtype)
     q = torch.empty(weight.shape, dtype=torch.int8)
     # Rows in chunks of ~16 M weights: a float64 copy of a whole 150k-row embedding would need gigabytes.
-    for i in range(0, weight.shape[0], _chunk_rows(weight)):
-        rows = slice(i, i + _chunk_rows(weight))
+    n = _chunk_rows(weight)
+    for i in range(0, weight.shape[0], n):
+        rows = slice(i, i + n)
         w = weight[rows].double().reshape(-1, d.shape[1], BLOCK)  # (chunk, G, 32)
         q[rows] = _round(w, d[rows].double()[..., None], *_RANGE[qtype]).to(torch.int8).reshape(-1, weight.shape[1])
     return Rounded(q, d)

@@ -60,6 +60,11 @@ def embedded_gguf_path(name: str) -> Path:
     return path
 
 
+def is_gguf_file(spec: str) -> bool:
+    """A spec naming a .gguf file (not the embedded teacher, whose weights also ship as GGUF)."""
+    return Path(spec).suffix.lower() == ".gguf" and not spec.startswith(EMBEDDED_PREFIX)
+
+
 def resolve_model(spec: str) -> ModelSource:
     """Turn a user's model spec into a local source, converting the embedded teacher on first use."""
     if spec.startswith(EMBEDDED_PREFIX):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
-from kdforge.models.loading import EMBEDDED_PREFIX, end_of_turn_ids, load_model
+from kdforge.export.llamacpp import llama_cpp_available
+from kdforge.models.loading import EMBEDDED_PREFIX, end_of_turn_ids, is_gguf_file, load_model
 from kdforge.serve.engine import BaseEngine
 
 API_KEY_ENV = "KDFORGE_API_KEY"
@@ -24,10 +24,6 @@ def default_model_name(spec: str) -> str:
     return path.stem if path.suffix.lower() == ".gguf" else (path.resolve().name or spec)
 
 
-def have_llama_cpp() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
 def load_engine(spec: str, backend: str = "auto", device: str = "auto", dtype: str = "auto",
                 max_batch: int = 16, max_model_len: int | None = None, max_tokens_cap: int | None = None,
                 trust_remote_code: bool = False) -> BaseEngine:
@@ -38,9 +34,8 @@ def load_engine(spec: str, backend: str = "auto", device: str = "auto", dtype: s
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}")
-    is_gguf = Path(spec).suffix.lower() == ".gguf" and not spec.startswith(EMBEDDED_PREFIX)
     if backend == "auto":
-        backend = "llama.cpp" if is_gguf and have_llama_cpp() else "transformers"
+        backend = "llama.cpp" if is_gguf_file(spec) and llama_cpp_available() else "transformers"
     if backend == "llama.cpp":
         from kdforge.serve.llamacpp import LlamaCppEngine
 
