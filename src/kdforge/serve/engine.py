@@ -23,8 +23,6 @@ from kdforge.serve.sampling import SamplingParams, make_generator
 
 log = logging.getLogger("kdforge.serve")
 
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
-
 
 class ContextLengthExceeded(ValueError):
     """The prompt (plus the tokens asked for) does not fit the model's context."""
@@ -35,7 +33,7 @@ class Output:
     """A delta of one request: new text, and on the last one the finish reason and usage."""
 
     text: str
-    finish_reason: str | None = None  # one of FINISH_REASONS, set on the last Output only
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"; on the last Output only
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None

@@ -1,0 +1,114 @@
+"""Server-sent events for a streamed answer: one generator, rendered as chat or as text completion chunks.
+
+:func:`sse_events` walks an engine's :class:`Output` deltas in OpenAI's event order; :func:`chat_events` and
+:func:`completion_events` only say how one chunk looks and what is sent first:
+
+* chat: the role chunk (content ``""``), content chunks, one finish chunk, [usage chunk], ``[DONE]``;
+* completions: [the echoed prompt], text chunks, the finish chunk (carrying the last text), [usage chunk],
+  ``[DONE]``.
+
+An engine error sends an error event, then ``[DONE]``; a cancelled request (the client left) gets no finish
+chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from fastapi.responses import StreamingResponse
+
+from kdforge.serve.engine import GenerationHandle, Output
+from kdforge.serve.protocol import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    CompletionChoice,
+    CompletionResponse,
+    DeltaMessage,
+    ErrorResponse,
+    Usage,
+)
+
+# (text, finish_reason, usage) -> one "data: ..." event. A chunk with usage carries no choice (OpenAI's
+# final usage chunk has "choices": []).
+ChunkRenderer = Callable[[str, str | None, Usage | None], str]
+
+DONE = "data: [DONE]\n\n"
+
+
+def usage_of(out: Output) -> Usage:
+    """The usage block of a finished request (its last :class:`Output`)."""
+    return Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                 total_tokens=out.prompt_tokens + out.completion_tokens)
+
+
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    # no-cache and X-Accel-Buffering: no keep proxies (nginx) from holding chunks back.
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _event(body_json: str) -> str:
+    return f"data: {body_json}\n\n"
+
+
+def _error_event(out: Output) -> str:
+    body = ErrorResponse(error={"message": f"generation failed: {out.error}", "type": "server_error"})
+    return _event(body.model_dump_json())
+
+
+def chat_events(handle: GenerationHandle, rid: str, created: int, model: str,
+                include_usage: bool) -> AsyncIterator[str]:
+    """Role chunk, content chunks, one finish chunk, [usage chunk], [DONE] (OpenAI's order)."""
+    exclude = None if include_usage else {"usage"}  # without include_usage no chunk carries a usage key
+
+    def event(delta: DeltaMessage, finish: str | None = None, usage: Usage | None = None) -> str:
+        choices = [] if usage is not None else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
+        body = ChatCompletionChunk(id=rid, created=created, model=model, usage=usage, choices=choices)
+        return _event(body.model_dump_json(exclude=exclude))
+
+    def chunk(text: str, finish: str | None, usage: Usage | None) -> str:
+        # The finish chunk's delta is empty (content null): its text went out in a content chunk before it.
+        return event(DeltaMessage(content=text or None), finish, usage)
+
+    return sse_events(handle, chunk, include_usage, first=event(DeltaMessage(role="assistant", content="")))
+
+
+def completion_events(handle: GenerationHandle, rid: str, created: int, model: str, include_usage: bool,
+                      prefix: str = "") -> AsyncIterator[str]:
+    """[The echoed prompt ``prefix``], text chunks, the finish chunk with the last text, [usage chunk], [DONE]."""
+    exclude = None if include_usage else {"usage"}
+
+    def chunk(text: str, finish: str | None, usage: Usage | None) -> str:
+        # Each chunk is a whole completion body, as OpenAI streams them.
+        choices = [] if usage is not None else [CompletionChoice(index=0, text=text, finish_reason=finish)]
+        body = CompletionResponse(id=rid, created=created, model=model, usage=usage, choices=choices)
+        return _event(body.model_dump_json(exclude=exclude))
+
+    return sse_events(handle, chunk, include_usage, first=chunk(prefix, None, None) if prefix else None,
+                      text_in_finish=True)
+
+
+async def sse_events(handle: GenerationHandle, chunk: ChunkRenderer, include_usage: bool, first: str | None = None,
+                     text_in_finish: bool = False) -> AsyncIterator[str]:
+    """``first`` (if any), a chunk per delta, the finish chunk, [the usage chunk], ``[DONE]``.
+
+    ``text_in_finish``: the last delta's text rides in the finish chunk (completions) instead of a content
+    chunk of its own before it (chat).
+    """
+    try:
+        if first:
+            yield first
+        async for out in handle:
+            if out.finish_reason == "error":
+                yield _error_event(out)
+                break  # the stream still ends with [DONE], so clients stop reading
+            finished = out.finish_reason in ("stop", "length")
+            if out.text and not (finished and text_in_finish):
+                yield chunk(out.text, None, None)
+            if finished:
+                yield chunk(out.text if text_in_finish else "", out.finish_reason, None)
+                if include_usage:
+                    yield chunk("", None, usage_of(out))
+        yield DONE
+    finally:
+        handle.cancel()  # the client went away (Starlette cancels this generator): free the batch row
