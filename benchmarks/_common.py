@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from kdforge.config import GenerateConfig, StudentConfig
-from kdforge.models.build import run_student
-from kdforge.teacher.generate import run_generate
+from kdforge.stages.generate import GenerateConfig
+from kdforge.stages.generate import run as run_generate
+from kdforge.stages.student import StudentConfig
+from kdforge.stages.student import run as run_student
 
 TEACHER = "embedded:smollm2-135m-instruct"
 

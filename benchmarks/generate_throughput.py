@@ -14,8 +14,8 @@ import tempfile
 
 import torch
 
-from kdforge.config import GenerateConfig
-from kdforge.teacher.generate import run_generate
+from kdforge.stages.generate import GenerateConfig
+from kdforge.stages.generate import run as run_generate
 
 TEACHER = "embedded:smollm2-135m-instruct"
 

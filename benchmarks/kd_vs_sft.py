@@ -23,13 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import TEACHER, bench_setup  # noqa: E402
 
-from kdforge.config import DistillConfig  # noqa: E402
 from kdforge.data.batching import shared_vocab_size  # noqa: E402
 from kdforge.data.chat import encode_conversation  # noqa: E402
 from kdforge.data.formats import load_training_data, select_split  # noqa: E402
-from kdforge.distill.trainer import run_distill  # noqa: E402
 from kdforge.models.loading import load_model  # noqa: E402
 from kdforge.scoring import agreement  # noqa: E402
+from kdforge.stages.distill import DistillConfig  # noqa: E402
+from kdforge.stages.distill import run as run_distill  # noqa: E402
 
 RECIPES = (("sft", 1.0), ("kd", 0.5))  # alpha: 1 is plain CE on the answers; 0.5 is the default recipe
 MEASURES = ("kl", "top1", "nll")

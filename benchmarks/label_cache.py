@@ -21,7 +21,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import TEACHER, layer_student, teacher_answers  # noqa: E402
 
-from kdforge.config import LabelConfig  # noqa: E402
 from kdforge.data.batching import shared_vocab_size  # noqa: E402
 from kdforge.data.formats import load_training_data, select_split  # noqa: E402
 from kdforge.distill.losses import divergence, soft_divergence  # noqa: E402
@@ -30,7 +29,8 @@ from kdforge.distill.trainer import encode_dataset, make_batch  # noqa: E402
 from kdforge.models.forward import target_logits  # noqa: E402
 from kdforge.models.loading import load_model  # noqa: E402
 from kdforge.softlabels.reader import SoftLabelCache  # noqa: E402
-from kdforge.teacher.label import run_label  # noqa: E402
+from kdforge.stages.label import LabelConfig  # noqa: E402
+from kdforge.stages.label import run as run_label  # noqa: E402
 
 
 def main() -> None:

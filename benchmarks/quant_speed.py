@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from kdforge.data.chat import encode_prompt
+from kdforge.data.prompts import SPEED_PROMPT
 from kdforge.eval.metrics import decode_speed
-from kdforge.eval.report import SPEED_PROMPT
 from kdforge.export.calibration import calibrated_names, export_hessians
 from kdforge.export.gguf_writer import write_gguf
 from kdforge.export.gptq import CALIBRATED_TYPES

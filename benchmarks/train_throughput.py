@@ -31,12 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import TEACHER, bench_setup, matmul_flops_per_s  # noqa: E402
 
-from kdforge.config import DistillConfig, LabelConfig  # noqa: E402
 from kdforge.data.chat import encode_conversation  # noqa: E402
 from kdforge.data.formats import load_training_data, select_split  # noqa: E402
-from kdforge.distill.trainer import run_distill  # noqa: E402
 from kdforge.models.loading import load_model, load_tokenizer  # noqa: E402
-from kdforge.teacher.label import run_label  # noqa: E402
+from kdforge.stages.distill import DistillConfig  # noqa: E402
+from kdforge.stages.distill import run as run_distill  # noqa: E402
+from kdforge.stages.label import LabelConfig  # noqa: E402
+from kdforge.stages.label import run as run_label  # noqa: E402
 
 BATCH, MAX_LEN = 4, 256
 

@@ -2,18 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from kdforge.config import (
-    ConfigError,
-    DemoConfig,
-    DistillConfig,
-    EvalConfig,
-    GenerateConfig,
-    LabelConfig,
-    StudentConfig,
-    build_config,
-    parse_override,
-)
-from kdforge.export.config import ExportConfig, QuantizeConfig
+from kdforge.config import ConfigError, build_config, parse_override
+from kdforge.stages.demo import DemoConfig
+from kdforge.stages.distill import DistillConfig
+from kdforge.stages.eval import EvalConfig
+from kdforge.stages.export import ExportConfig, QuantizeConfig
+from kdforge.stages.generate import GenerateConfig
+from kdforge.stages.label import LabelConfig
+from kdforge.stages.student import StudentConfig
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 CLASSES = {"generate": GenerateConfig, "label": LabelConfig, "student": StudentConfig, "distill": DistillConfig,
@@ -68,13 +64,60 @@ def test_recipe_preset_and_sampling_rule():
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
-    from kdforge.config import read_yaml
+    from kdforge.config import read_run_file
 
-    data = read_yaml(path)
+    data = read_run_file(path)  # ${name} references replaced by the file's vars
     assert data, f"{path} is empty"
     for stage in data:
         assert stage in CLASSES, f"{path}: unknown section {stage}"
         build_config(CLASSES[stage], stage, [str(path)])
+
+
+def test_the_demo_is_one_shipped_file():
+    """configs/demo.yaml is the run file inside the package (a link), and --quick only overrides it."""
+    from kdforge.stages.demo import DemoConfig, demo_file, plan
+
+    assert (CONFIGS / "demo.yaml").resolve() == demo_file().resolve()
+    cfg = build_config(DemoConfig, "demo", [str(demo_file())], flags={"out": "/tmp/x"})
+    full, quick = plan(cfg), plan(cfg, quick=True, overrides=["distill.max_steps=5"])
+    assert [s.name for s, _ in full] == ["generate", "label", "student", "distill", "export", "eval"]
+    by_name = {s.name: c for s, c in quick}
+    assert by_name["distill"].max_steps == 5 and by_name["generate"].limit == 48  # --set wins over quick
+    assert by_name["eval"].students[-1] == "/tmp/x/export/model-q8_0.gguf"
+    assert {s.name: c for s, c in full}["student"].num_layers == 20
+
+
+def test_cli_flags_come_from_config_fields():
+    """A flag's type, choices and help are its config field's; an absent flag does not override the YAML."""
+    from kdforge.cli import build_parser
+    from kdforge.stages import all_stages
+
+    parser = build_parser()
+    for stage in all_stages():
+        for name in stage.flags:
+            assert name in stage.config.model_fields, f"{stage.name}: flag {name} is not a config field"
+    args = build_parser(defaults=False).parse_args(["generate", "m", "--preset", "recipe", "--limit", "3"])
+    assert (args.preset, args.limit, args.batch_size) == ("recipe", 3, None)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "m", "--preset", "nonsense"])
+    assert parser.parse_args(["label", "t", "--hidden-layers", "1,3"]).hidden_layers == [1, 3]
+    assert parser.parse_args(["export", "m", "--no-check"]).check is False
+
+
+def test_run_file_vars_and_unknown_sections(tmp_path):
+    from kdforge.stages import plan_file
+
+    f = tmp_path / "run.yaml"
+    f.write_text("vars:\n  root: r\ngenerate:\n  model: m\n  out: ${root}/g\nstudent:\n  teacher: m\n"
+                 "  out: ${root}/s\n")
+    plan = plan_file(str(f), ["vars.root=elsewhere"])
+    assert [(s.name, c.out) for s, c in plan] == [("generate", "elsewhere/g"), ("student", "elsewhere/s")]
+    f.write_text("generate:\n  model: m\n  out: ${nowhere}/g\n")
+    with pytest.raises(ConfigError, match=r"\$\{nowhere\} is not defined"):
+        plan_file(str(f))
+    f.write_text("generat:\n  model: m\n")
+    with pytest.raises(ConfigError, match="unknown section"):
+        plan_file(str(f))
 
 
 @pytest.mark.parametrize("stage", sorted(CLASSES))

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kdforge.config import GenerateConfig
-from kdforge.teacher.generate import run_generate
+from kdforge.stages.generate import GenerateConfig
+from kdforge.stages.generate import run as run_generate
 
 pytestmark = pytest.mark.slow
 

@@ -3,10 +3,10 @@ import signal
 
 import pytest
 
-from kdforge.config import GenerateConfig
 from kdforge.data.formats import select_split
 from kdforge.data.prompts import load_prompt_set
-from kdforge.teacher.generate import run_generate
+from kdforge.stages.generate import GenerateConfig
+from kdforge.stages.generate import run as run_generate
 
 from .conftest import kill_when
 

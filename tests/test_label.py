@@ -6,12 +6,14 @@ import math
 import pytest
 import torch
 
-from kdforge.config import ConfigError, DistillConfig, LabelConfig
+from kdforge.config import ConfigError
 from kdforge.distill.losses import divergence, sparse_divergence
-from kdforge.distill.trainer import run_distill
 from kdforge.softlabels.format import DELTA_MAX, decode_topk, encode_topk
 from kdforge.softlabels.reader import CacheError, SoftLabelCache
-from kdforge.teacher.label import run_label
+from kdforge.stages.distill import DistillConfig
+from kdforge.stages.distill import run as run_distill
+from kdforge.stages.label import LabelConfig
+from kdforge.stages.label import run as run_label
 
 from .conftest import kill_when, make_tiny
 
@@ -165,8 +167,8 @@ def test_cache_refuses_other_tokenizer_and_other_data(labelled, tokenizer, tmp_p
 @pytest.mark.integration
 def test_distill_from_cache_never_loads_the_teacher(labelled, tmp_path, monkeypatch):
     t_dir, data, cache, _ = labelled
-    from kdforge.config import StudentConfig
-    from kdforge.models.build import run_student
+    from kdforge.stages.student import StudentConfig
+    from kdforge.stages.student import run as run_student
 
     run_student(StudentConfig(teacher=str(t_dir), out=str(tmp_path / "s"), layers=[0, 2]))
     import kdforge.distill.trainer as trainer
@@ -258,7 +260,7 @@ def test_cached_signal_with_full_vocabulary_trains_like_the_live_teacher(tokeniz
         for kind in ("forward_kl", "reverse_kl"):
             cfg = DistillConfig(teacher="t", student="s", data="d", temperature=2.0, alpha=0.3, loss=kind)
             student.zero_grad()
-            r = Distiller(cfg, source, student, v, {}, None).step([batch], Progress(0, 10, 5))
+            r = Distiller(cfg.objective(), source, student, v, {}, None).step([batch], Progress(0, 10, 5))
             results.append((r, torch.cat([p.grad.flatten() for p in student.parameters()])))
     for (live, g_live), (cached, g_cached) in zip(results[:2], results[2:]):
         assert cached["loss"] == pytest.approx(live["loss"], rel=1e-4)

@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kdforge.config import DistillConfig, StudentConfig
-from kdforge.distill.trainer import run_distill
-from kdforge.models.build import run_student
+from kdforge.stages.distill import DistillConfig
+from kdforge.stages.distill import run as run_distill
+from kdforge.stages.student import StudentConfig
+from kdforge.stages.student import run as run_student
 
 from .conftest import make_tiny
 

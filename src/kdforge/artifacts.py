@@ -149,7 +149,11 @@ def write_meta(
     metrics: dict[str, Any] | None = None,
     wall_time_s: float | None = None,
     extra: dict[str, Any] | None = None,
+    files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """meta.json: written last, its presence marks a finished artifact. ``files`` is the stage's layout
+    (role -> file name inside the folder, declared once next to the stage): downstream stages find a
+    product through it (:func:`product`), never by a file name of their own."""
     meta: dict[str, Any] = {
         "stage": stage,
         "kdforge_version": __version__,
@@ -158,10 +162,22 @@ def write_meta(
         "metrics": metrics or {},
         "wall_time_s": None if wall_time_s is None else round(wall_time_s, 3),
     }
+    if files:
+        meta["files"] = dict(files)
     if extra:
         meta.update(extra)
     atomic_write_json(Path(folder) / META_NAME, meta)
     return meta
+
+
+def product(folder: str | Path, role: str) -> Path | None:
+    """The file a finished artifact declares for ``role`` in its meta.json (None when it declares none)."""
+    try:
+        meta = read_meta(folder)
+    except (FileNotFoundError, ValueError):
+        return None
+    name = (meta.get("files") or {}).get(role)
+    return Path(folder) / name if isinstance(name, str) else None
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdforge.artifacts import META_NAME, product
 from kdforge.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -160,20 +161,19 @@ def select_split(convs: list[Conversation], split: str, limit: int | None = None
 
 
 def data_file(spec: str | Path) -> Path:
-    """The JSONL file behind a data spec (a generate folder's data.jsonl, or the file itself)."""
+    """The JSONL file behind a data spec: the file itself, or the conversations file a finished artifact
+    folder (a `kdforge generate` run) declares in its meta.json."""
     path = Path(spec)
-    return path / "data.jsonl" if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    declared = product(path, "data")
+    if declared is None:
+        what = "is incomplete (no meta.json)" if not (path / META_NAME).is_file() else "declares no data file"
+        raise DataError(f"the artifact folder {path} {what}; expected a finished `kdforge generate` output folder "
+                        "(re-run `kdforge generate` with the same --out to finish it) or a JSONL file")
+    return declared
 
 
 def load_training_data(spec: str | Path) -> list[Conversation]:
     """Conversations from a generate artifact folder (must be complete) or a JSONL file."""
-    path = Path(spec)
-    if path.is_dir():
-        data = path / "data.jsonl"
-        if not data.is_file():
-            raise DataError(f"{path} has no data.jsonl; expected a `kdforge generate` output folder or a JSONL file")
-        if not (path / "meta.json").is_file():
-            raise DataError(f"the generate run in {path} is incomplete (no meta.json); re-run `kdforge generate` "
-                            "with the same --out to finish it")
-        return load_conversations(data)
-    return load_conversations(path)
+    return load_conversations(data_file(spec))

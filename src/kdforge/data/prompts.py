@@ -14,6 +14,8 @@ from pathlib import Path
 from kdforge.data.formats import Conversation, load_conversations
 
 BUNDLED = "bundled"
+# The one prompt every decode-speed figure is timed on (eval, quantize, benchmarks).
+SPEED_PROMPT = [{"role": "user", "content": "Write a short paragraph about why the sky is blue."}]
 
 
 def bundled_prompts_path() -> Path:

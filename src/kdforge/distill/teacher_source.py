@@ -15,6 +15,17 @@ from kdforge.models.forward import capture, target_logits
 from kdforge.softlabels.reader import CacheError, SoftLabelCache
 
 
+@dataclass(frozen=True)
+class TeacherRequest:
+    """What the trainer asks of the teacher for one micro-batch."""
+
+    logits: bool = True                # the signal at the target positions (not needed for alpha = 1)
+    layers: tuple[int, ...] = ()       # teacher layers whose outputs to capture
+    hidden: bool = False               # their hidden states, (B, T, H) each
+    attention: bool = False            # their attention probabilities, (B, h, T, T) each
+    pack_length: int | None = None     # pack the live teacher's forward pass (ignored when layers are captured)
+
+
 @dataclass
 class TeacherOutput:
     signal: TeacherSignal | None                                   # at the N target positions
@@ -31,13 +42,13 @@ class LiveTeacher:
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, torch.Tensor], logits: bool, layers: list[int], hidden: bool,
-                 attention: bool, pack_length: int | None = None) -> TeacherOutput:
+    def __call__(self, batch: dict[str, torch.Tensor], req: TeacherRequest) -> TeacherOutput:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         # Captured layer outputs must keep the padded (B, T) layout of the student's: no packing then.
-        pack_length = pack_length if not layers else None
-        with capture(self.model, layers, hidden, attention) as store:
-            if logits:
+        pack_length = req.pack_length if not req.layers else None
+        hidden, attention = req.hidden, req.attention
+        with capture(self.model, list(req.layers), hidden, attention) as store:
+            if req.logits:
                 signal, _ = target_logits(self.model, ids, mask, labels, self.vocab, pack_length)  # (N, V)
             else:
                 signal = None
@@ -55,10 +66,9 @@ class CachedTeacher:
         self.num_layers = m.get("teacher_layers")
         self.hidden_size = m.get("teacher_hidden_size")
 
-    def __call__(self, batch: dict[str, torch.Tensor], logits: bool, layers: list[int], hidden: bool,
-                 attention: bool, pack_length: int | None = None) -> TeacherOutput:
+    def __call__(self, batch: dict[str, torch.Tensor], req: TeacherRequest) -> TeacherOutput:
         # pack_length is the live teacher's concern: cached targets are stored conversation by conversation.
-        if attention:
+        if req.attention:
             raise CacheError("attention-map alignment needs a live teacher: the cache holds no attention maps")
         rows = batch["rows"].tolist()
         labels = [self.cache.get(r) for r in rows]
@@ -69,15 +79,15 @@ class CachedTeacher:
                                  "cache was made from other data or another max_length; re-run `kdforge label`")
         device = batch["input_ids"].device
         signal = None
-        if logits:
+        if req.logits:
             signal = SparseSignal(torch.cat([x.ids for x in labels]).to(device),
                                   torch.cat([x.logprobs for x in labels]).to(device),
                                   torch.cat([x.tail_logmass for x in labels]).to(device),
                                   self.cache.temperature)
         out: dict[int, torch.Tensor] = {}
-        if hidden:
+        if req.hidden:
             b, t = batch["input_ids"].shape
-            for layer in layers:
+            for layer in req.layers:
                 if layer not in self.cache.hidden_layers:
                     raise CacheError(f"teacher layer {layer} is mapped but the cache kept hidden states only for "
                                      f"{self.cache.hidden_layers}; re-label with --hidden-layers or change layer_map")

@@ -23,6 +23,17 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([head, sep, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
+# The summary table: the one `kdforge demo` prints and the README shows.
+COLUMNS = [("name", "model", "{}"), ("params_m", "params (M)", "{:.1f}"), ("nll", "NLL", "{:.4f}"),
+           ("kl", "KL(teacher‖model)", "{:.4f}"), ("top1", "top-1 agree", "{:.3f}"),
+           ("decode_tokens_per_s", "decode tok/s", "{:.1f}"), ("ttft_ms", "TTFT (ms)", "{:.0f}")]
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of the models' headline figures; also readable as plain text in a terminal."""
+    return table([c[1] for c in COLUMNS], [[cell(r.get(key), fmt) for key, _, fmt in COLUMNS] for r in rows])
+
+
 def _pct(x: float | None) -> str:
     return cell(x, "{:.3f}")
 

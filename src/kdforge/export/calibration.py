@@ -26,7 +26,7 @@ def calibration_ids(model, tokenizer, spec: str, samples: int, max_length: int =
         from kdforge.export.roundtrip import answer_data
 
         return [e.input_ids for e in answer_data(model, tokenizer, n=samples, new_tokens=64, split="train")]
-    from kdforge.models.build import calibration_batches
+    from kdforge.data.calibration import calibration_batches
 
     if not Path(spec).exists():
         raise UserError(f"calibration data {spec} does not exist; pass a `kdforge generate` output folder, a "

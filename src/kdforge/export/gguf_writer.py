@@ -35,6 +35,7 @@ import torch
 
 from kdforge.artifacts import fsync_dir
 from kdforge.errors import UserError
+from kdforge.export.formats import QUANT_NAMES
 from kdforge.export.gguf_tokenizer import tokenizer_metadata
 from kdforge.export.gptq import CALIBRATED_TYPES, gptq_round, pack, reference_scales, round_to_nearest
 
@@ -43,9 +44,6 @@ class GGUFExportError(UserError):
     """The model cannot be written as GGUF (architecture, config feature or tensor shape)."""
 
 
-# The quantisation types the `gguf` package can *write* (it can read many more). K-quants and
-# i-quants need llama.cpp's `llama-quantize`.
-QUANT_NAMES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
 # HF model_type -> GGUF architecture name. Only these two are written and tested.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}

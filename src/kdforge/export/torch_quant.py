@@ -36,11 +36,8 @@ from typing import Any
 import torch
 
 from kdforge.errors import UserError
+from kdforge.export.formats import BNB_METHODS, METHODS, TORCHAO_METHODS
 from kdforge.quiet import quiet_torchao
-
-TORCHAO_METHODS = ("int8", "int8-dynamic", "int4", "int8-int4")
-BNB_METHODS = ("nf4", "bnb-int8")
-METHODS = TORCHAO_METHODS + BNB_METHODS
 
 
 class QuantizeError(UserError):

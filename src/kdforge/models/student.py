@@ -68,3 +68,21 @@ def build_layer_student(teacher, keep: list[int]):
         student.tie_weights()
     student.generation_config = copy.deepcopy(teacher.generation_config)
     return student.eval()
+
+
+def random_student(teacher, layers: int, hidden: int, inter: int, heads: int, kv: int, seed: int):
+    """A freshly initialised model of the teacher's architecture with a smaller config."""
+    from transformers import AutoModelForCausalLM
+
+    if heads % kv:
+        raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
+    cfg = copy.deepcopy(teacher.config)
+    cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = layers, hidden, inter
+    cfg.num_attention_heads, cfg.num_key_value_heads = heads, kv
+    cfg.head_dim = hidden // heads
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[:layers]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.generation_config = copy.deepcopy(teacher.generation_config)
+    return model.eval()

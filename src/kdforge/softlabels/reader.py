@@ -12,9 +12,8 @@ from safetensors import safe_open
 
 from kdforge.artifacts import file_sha256
 from kdforge.errors import UserError
+from kdforge.softlabels import MANIFEST
 from kdforge.softlabels.format import FORMAT_VERSION, decode_topk, tokenizer_fingerprint
-
-MANIFEST = "manifest.json"
 
 
 class CacheError(UserError):

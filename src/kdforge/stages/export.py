@@ -10,12 +10,69 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
 
 from kdforge.artifacts import atomic_dir, atomic_write_json, write_config, write_meta
-from kdforge.config import dump
-from kdforge.export.config import ExportConfig, QuantizeConfig
+from kdforge.config import StageConfig, dump
+from kdforge.export.formats import METHODS, QUANT_NAMES
 from kdforge.quiet import quiet_torchao
+from kdforge.stages import Stage
+
+
+class ExportConfig(StageConfig):
+    """`kdforge export`: write a model as GGUF (llama.cpp / Ollama) and check the file round-trips."""
+
+    model: str = Field(description="HF folder, .gguf file, or embedded:smollm2-135m-instruct")
+    out: str = "artifacts/export"
+    to: Literal["gguf"] = "gguf"
+    quant: list[str] = Field(default_factory=lambda: ["f16"],
+                             description=f"one or more of {', '.join(QUANT_NAMES)}; one file each")
+    keep_f16: list[str] = Field(default_factory=list,
+                                description="GGUF tensor names or globs kept at f16, e.g. token_embd output")
+    allow_fallback: bool = Field(False, description="write tensors whose rows do not divide into blocks as f16 "
+                                 "instead of failing")
+    pre: str | None = Field(None, description="llama.cpp pre-tokenizer name (default: detected)")
+    calibration: str = Field("auto", description="text for calibrated (GPTQ) rounding of q8_0/q4_0 tensors: "
+                             "'auto' (the model's own answers to the bundled prompts' training split), a "
+                             "`kdforge generate` folder or conversations JSONL, or 'none' (round to nearest)")
+    calibration_samples: int = Field(128, gt=0, description="calibration conversations")
+    check: bool = Field(True, description="read the file back and compare logits and token ids")
+    check_prompts: int = Field(16, gt=0, description="validation prompts in the round-trip check")
+    trust_remote_code: bool = False
+
+    @field_validator("quant", mode="before")
+    @classmethod
+    def _split(cls, v):
+        if isinstance(v, str):
+            v = [x for x in v.replace(",", " ").split() if x]
+        return v
+
+    @field_validator("quant")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        v = [x.lower() for x in v]
+        bad = [x for x in v if x not in QUANT_NAMES]
+        if bad or not v:
+            raise ValueError(f"unknown GGUF type(s) {bad}; the gguf package writes: {', '.join(QUANT_NAMES)}")
+        return list(dict.fromkeys(v))
+
+
+class QuantizeConfig(StageConfig):
+    """`kdforge quantize`: weight quantisation in PyTorch (torchao; bitsandbytes on CUDA), saved to reload."""
+
+    model: str
+    out: str = "artifacts/quantize"
+    method: Literal[METHODS] = Field("int8", description="int8, int8-dynamic, int4, int8-int4 (torchao); "  # type: ignore[valid-type]
+                                     "nf4, bnb-int8 (bitsandbytes, CUDA only)")
+    group_size: int = Field(32, gt=0, description="int4 methods: weights per scale")
+    check: bool = Field(True, description="measure agreement with the source model and decode speed")
+    check_prompts: int = Field(16, gt=0)
+    decode_tokens: int = Field(32, gt=1)
+    device: str = "auto"
+    trust_remote_code: bool = False
+
 
 # Thresholds the round trip is judged by (reported as ok/not ok; the file is written either way).
 TOP1_EXPECTED = {"f32": 1.0, "f16": 1.0, "bf16": 1.0, "q8_0": 0.99}
@@ -83,7 +140,7 @@ def _calibrate(cfg: ExportConfig, model, tok) -> tuple[dict | None, dict[str, An
     return hessians, info
 
 
-def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
+def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     from kdforge.export.gguf_writer import check_supported, write_gguf
     from kdforge.export.roundtrip import gguf_roundtrip, source_logits, validation_sets
     from kdforge.models.loading import load_model
@@ -127,8 +184,8 @@ def run_export(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
 
 def run_quantize(cfg: QuantizeConfig, overwrite: bool = False) -> dict[str, Any]:
     from kdforge.data.chat import encode_prompt
+    from kdforge.data.prompts import SPEED_PROMPT
     from kdforge.eval.metrics import decode_speed
-    from kdforge.eval.report import SPEED_PROMPT
     from kdforge.export.roundtrip import model_report, validation_sets
     from kdforge.export.torch_quant import folder_bytes, load_quantized, reload_quantized, save_quantized
     from kdforge.models.loading import load_model, resolve_model
@@ -168,3 +225,12 @@ def run_quantize(cfg: QuantizeConfig, overwrite: bool = False) -> dict[str, Any]
                         "source_decode_tokens_per_s": report["decode"]["source"]["decode_tokens_per_s"]}
         write_meta(tmp, "quantize", {"model": cfg.model}, metrics, time.time() - t0)
     return metrics
+
+
+STAGES = (
+    Stage("export", "write a model as GGUF (llama.cpp/Ollama) and check that it round-trips", ExportConfig, run,
+          positional="model", flags=("to", "quant", "keep_f16", "allow_fallback", "pre", "calibration",
+                                     "calibration_samples", "check", "out")),
+    Stage("quantize", "weight quantisation in PyTorch (torchao int8/int4; bitsandbytes on CUDA)", QuantizeConfig,
+          run_quantize, positional="model", flags=("method", "group_size", "check", "out")),
+)

@@ -9,37 +9,48 @@ smaller config of the same architecture, its weights sliced from the teacher or 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
-import torch
+from pydantic import Field
 
 from kdforge.artifacts import atomic_dir, write_config, write_meta
-from kdforge.config import ConfigError, StudentConfig, dump
-from kdforge.data.chat import encode_conversation, encode_prompt
-from kdforge.data.formats import load_training_data, select_split
-from kdforge.data.prompts import BUNDLED, load_prompt_set
-from kdforge.models.loading import count_parameters, load_model
-from kdforge.models.pruning import build_width_student, measure_importance, plan_width, top_sorted
-from kdforge.models.student import build_layer_student, check_layers, uniform_layers
+from kdforge.config import ConfigError, StageConfig, dump
+from kdforge.stages import Stage
+
+
+class StudentConfig(StageConfig):
+    """`kdforge student`: build a student from the teacher."""
+
+    teacher: str
+    out: str = "artifacts/student"
+    method: Literal["layers", "depth", "width", "fresh"] = Field(
+        "layers", description="layers: uniform subset; depth: by block influence; width: prune by activation "
+        "importance; fresh: a smaller config, sliced or random")
+    num_layers: int | None = Field(None, gt=0, description="layers to keep (layers/depth: 8; width/fresh: all)")
+    layers: list[int] | None = Field(None, description="explicit teacher layer indices to keep (method=layers)")
+    hidden_size: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    num_attention_heads: int | None = Field(None, gt=0)
+    num_key_value_heads: int | None = Field(None, gt=0)
+    init: Literal["slice", "random"] = Field("slice", description="fresh: slice teacher weights or random init")
+    calibration: str = Field("bundled", description="prompts or conversations to measure importance on")
+    calibration_samples: int = Field(64, gt=0)
+    calibration_max_length: int = Field(256, gt=8)
+    seed: int = 0
+    trust_remote_code: bool = False
+
 
 DEFAULT_LAYERS = 8
 
 
-def calibration_batches(tok, spec: str, samples: int, max_length: int) -> list[torch.Tensor]:
-    """Evenly spread conversations of the train split, as (1, T) id tensors (answers included if present)."""
-    convs = select_split(load_prompt_set(BUNDLED) if spec == BUNDLED else load_training_data(spec), "train")
-    if not convs:
-        raise ConfigError(f"calibration data {spec} has no train records")
-    step = max(1, len(convs) // samples)
-    out = []
-    for c in convs[::step][:samples]:
-        ids = (encode_conversation(tok, c.messages, max_length).input_ids if c.has_answer
-               else encode_prompt(tok, c.prompt_messages)[:max_length])
-        out.append(torch.tensor([ids]))
-    return out
+def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
+    import torch
 
+    from kdforge.data.calibration import calibration_batches
+    from kdforge.models.loading import count_parameters, load_model
+    from kdforge.models.pruning import build_width_student, measure_importance, plan_width, top_sorted
+    from kdforge.models.student import build_layer_student, check_layers, random_student, uniform_layers
 
-def run_student(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
     t0 = time.time()
     teacher, tok = load_model(cfg.teacher, device="cpu", dtype="float32", trust_remote_code=cfg.trust_remote_code)
     tc = teacher.config
@@ -94,21 +105,6 @@ def run_student(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
     return metrics
 
 
-def random_student(teacher, layers: int, hidden: int, inter: int, heads: int, kv: int, seed: int):
-    """A freshly initialised model of the teacher's architecture with a smaller config."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    if heads % kv:
-        raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
-    cfg = copy.deepcopy(teacher.config)
-    cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = layers, hidden, inter
-    cfg.num_attention_heads, cfg.num_key_value_heads = heads, kv
-    cfg.head_dim = hidden // heads
-    if isinstance(getattr(cfg, "layer_types", None), list):
-        cfg.layer_types = cfg.layer_types[:layers]
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.generation_config = copy.deepcopy(teacher.generation_config)
-    return model.eval()
+STAGES = (Stage("student", "build a student from the teacher", StudentConfig, run, positional="teacher",
+                flags=("out", "num_layers", "layers", "method", "hidden_size", "intermediate_size",
+                       "num_attention_heads", "num_key_value_heads", "init")),)

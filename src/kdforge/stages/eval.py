@@ -19,28 +19,81 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from kdforge.artifacts import atomic_dir, atomic_write_json, atomic_write_text, write_config, write_meta
-from kdforge.config import ConfigError, EvalConfig, dump
-from kdforge.data.batching import shared_vocab_size
-from kdforge.data.chat import encode_conversation
+from pydantic import Field, model_validator
+
+from kdforge.artifacts import atomic_dir, atomic_write_json, atomic_write_text, product, write_config, write_meta
+from kdforge.config import ConfigError, StageConfig, dump
 from kdforge.data.formats import load_training_data, select_split
-from kdforge.eval import markdown
-from kdforge.eval.llamacpp_model import LlamaCppLM, backend_for
-from kdforge.models.loading import count_parameters, load_model
+from kdforge.data.prompts import SPEED_PROMPT
+from kdforge.stages import Stage
 
-SPEED_PROMPT = [{"role": "user", "content": "Write a short paragraph about why the sky is blue."}]
-# The summary table: the one `kdforge demo` prints and the README shows.
-COLUMNS = [("name", "model", "{}"), ("params_m", "params (M)", "{:.1f}"), ("nll", "NLL", "{:.4f}"),
-           ("kl", "KL(teacher‖model)", "{:.4f}"), ("top1", "top-1 agree", "{:.3f}"),
-           ("decode_tokens_per_s", "decode tok/s", "{:.1f}"), ("ttft_ms", "TTFT (ms)", "{:.0f}")]
+# This stage's layout (meta.json "files"), plus the plots named in report.json.
+FILES = {"report": "report.json", "markdown": "report.md", "task_answers": "task_answers.jsonl",
+         "stability_answers": "stability_answers.jsonl"}
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table; also readable as plain text in a terminal."""
-    return markdown.table([c[1] for c in COLUMNS],
-                          [[markdown.cell(r.get(key), fmt) for key, _, fmt in COLUMNS] for r in rows])
+class EvalConfig(StageConfig):
+    """`kdforge eval`: teacher vs students on held-out teacher answers."""
+
+    teacher: str
+    students: list[str] = Field(default_factory=list)
+    names: list[str] | None = Field(None, description="display names, one per student")
+    data: str
+    out: str = "artifacts/eval"
+    split: Literal["train", "validation", "all"] = "validation"
+    limit: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(256, gt=8)
+    decode_tokens: int = Field(64, gt=0, description="greedy tokens generated to time decoding")
+    device: str = "auto"
+    trust_remote_code: bool = False
+    backend: Literal["auto", "transformers", "llama.cpp"] = Field(
+        "auto", description="runtime of GGUF students: llama.cpp (auto: when llama-cpp-python is installed) or "
+        "transformers' GGUF loader (dequantised to fp32); HF folders and the teacher always run in transformers")
+    # the task set: short answers (normalised exact match) and code (run against tests)
+    tasks: bool = Field(True, description="score every model on the task set")
+    task_file: str = Field("bundled", description="'bundled' (src/kdforge/eval/tasks.jsonl) or a JSONL task file")
+    task_limit: int | None = Field(None, gt=0, description="at most N items of each type (short, code)")
+    task_batch_size: int = Field(16, gt=0, description="prompts per generate call (tasks and lm_eval alike)")
+    task_max_new_tokens: int = Field(32, gt=0, description="answer length cap for short-answer items")
+    code_max_new_tokens: int = Field(128, gt=0, description="answer length cap for code items")
+    code_timeout_s: float = Field(5.0, gt=0, description="wall-clock and CPU limit per code run")
+    code_memory_mb: int = Field(512, ge=64, description="address-space limit per code run")
+    # stability: sampled answers to fixed prompts
+    stability_prompts: int = Field(8, ge=0, description="prompts to sample (0: off)")
+    stability_samples: int = Field(4, ge=2, description="sampled answers per prompt")
+    stability_max_new_tokens: int = Field(48, gt=0)
+    stability_temperature: float = Field(0.7, gt=0, le=2, description="as the serve stage's sampler: (0, 2]")
+    stability_top_p: float = Field(0.9, gt=0, le=1)
+    seed: int = 0
+    # speed and size
+    speed: bool = Field(True, description="time decoding and measure peak memory, one process per model")
+    speed_batch: int = Field(8, gt=1, description="the second batch size timed (the first is 1)")
+    threads: int | None = Field(None, gt=0, description="torch threads for the speed measurement (default: torch's)")
+    # plots and lm-evaluation-harness
+    plots: bool = True
+    distill_logs: list[str] | None = Field(None, description="train_log.jsonl files or distill folders to plot "
+                                           "(default: every student folder that has one)")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval task names; kdforge_qa and "
+                                     "kdforge_code are the task set as local tasks")
+    lm_eval_models: list[str] | None = Field(None, description="display names of the models to run lm-eval on "
+                                             "(default: all)")
+    lm_eval_limit: int | None = Field(None, gt=0, description="lm-eval's limit: first N documents per task")
+
+    @model_validator(mode="after")
+    def _names_match(self) -> EvalConfig:
+        if self.names is not None and len(self.names) != len(self.students):
+            raise ValueError(f"names has {len(self.names)} entries but students has {len(self.students)}")
+        shown = ["teacher", *(self.names or [Path(s).name for s in self.students])]
+        if len(set(shown)) != len(shown):
+            raise ValueError(f"model names must be unique, got {shown}; set names")
+        unknown = [m for m in self.lm_eval_models or [] if m not in shown]
+        if unknown:
+            raise ValueError(f"lm_eval_models {unknown} are not among the models {shown}")
+        return self
+
 
 
 def _model_name(spec: str) -> str:
@@ -58,17 +111,23 @@ def find_distill_logs(cfg: EvalConfig, names: list[str], specs: list[str]) -> li
         out = []
         for spec in cfg.distill_logs:
             p = Path(spec)
-            log = p / "train_log.jsonl" if p.is_dir() else p
-            if not log.is_file():
-                raise ConfigError(f"distill_logs: {log} does not exist "
-                                  "(expected a train_log.jsonl or a distill folder)")
+            log = product(p, "log") if p.is_dir() else p
+            if log is None or not log.is_file():
+                raise ConfigError(f"distill_logs: {spec} is neither a training log file nor a finished distill "
+                                  "folder with one")
             out.append((p.name if p.is_dir() else p.parent.name, log))
         return out
-    return [(n, Path(s) / "train_log.jsonl") for n, s in zip(names, specs)
-            if Path(s).is_dir() and (Path(s) / "train_log.jsonl").is_file()]
+    logs = [(n, product(s, "log")) for n, s in zip(names, specs) if Path(s).is_dir()]
+    return [(n, log) for n, log in logs if log is not None and log.is_file()]
 
 
-def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
+def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
+    from kdforge.data.batching import shared_vocab_size
+    from kdforge.data.chat import encode_conversation
+    from kdforge.eval import markdown
+    from kdforge.eval.llamacpp_model import LlamaCppLM, backend_for
+    from kdforge.models.loading import count_parameters, load_model
+
     t0 = time.time()
     if Path(cfg.out).exists() and not overwrite:
         raise FileExistsError(f"{cfg.out} already exists; pass --overwrite to replace it or choose another --out")
@@ -237,7 +296,7 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
               "ranking": {"by": "kl", "order": [r["name"] for r in ranking]},
               "categories": agree["categories"], **extra, "models": rows, "plots": {}, "timings_s": timings}
 
-    table = format_table(rows)
+    table = markdown.summary_table(rows)
     with atomic_dir(cfg.out, overwrite=overwrite) as tmp:
         if cfg.plots:
             from kdforge.eval import plots
@@ -253,17 +312,23 @@ def run_eval(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
                 report["plots"]["quality_vs_speed"] = "quality_vs_speed.png"
             lap("plots")
         write_config(tmp, dump(cfg))
-        atomic_write_json(tmp / "report.json", report)
-        atomic_write_text(tmp / "report.md", markdown.render(report, table))
-        if task_answers:
-            atomic_write_text(tmp / "task_answers.jsonl",
-                              "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in task_answers))
-        if stab_answers:
-            atomic_write_text(tmp / "stability_answers.jsonl",
-                              "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in stab_answers))
+        atomic_write_json(tmp / FILES["report"], report)
+        atomic_write_text(tmp / FILES["markdown"], markdown.render(report, table))
+        written = {k: FILES[k] for k in ("report", "markdown")}
+        for role, answers in (("task_answers", task_answers), ("stability_answers", stab_answers)):
+            if answers:
+                atomic_write_text(tmp / FILES[role], "".join(json.dumps(a, ensure_ascii=False) + "\n"
+                                                             for a in answers))
+                written[role] = FILES[role]
         write_meta(tmp, "eval", {"data": cfg.data, **{f"model{i}": s for i, s in enumerate(cfg.students)}},
-                   {r["name"]: {k: r[k] for k in ("nll", "kl", "top1")} for r in rows}, time.time() - t0)
+                   {r["name"]: {k: r[k] for k in ("nll", "kl", "top1")} for r in rows}, time.time() - t0,
+                   files=written)
     print(table, flush=True)
     if cfg.tasks:
         print(markdown.tasks_table(report), flush=True)
     return report
+
+
+STAGES = (Stage("eval", "compare teacher and students on held-out teacher answers", EvalConfig, run,
+                flags=("teacher", "students", "names", "data", "out", "limit", "task_limit", "lm_eval_tasks",
+                       "backend")),)

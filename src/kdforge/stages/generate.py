@@ -15,20 +15,55 @@ import shutil
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
-from tqdm import tqdm
+from pydantic import Field, model_validator
 
 from kdforge.artifacts import CONFIG_NAME, META_NAME, write_config, write_meta
-from kdforge.config import ConfigError, GenerateConfig, dump, read_yaml
-from kdforge.data.batching import left_pad
-from kdforge.data.chat import encode_prompt
+from kdforge.config import ConfigError, Dtype, StageConfig, dump, read_yaml
 from kdforge.data.formats import Conversation, select_split
 from kdforge.data.prompts import BUNDLED, bundled_prompts_path, load_prompt_set
-from kdforge.models.loading import end_of_turn_ids, load_model
+from kdforge.stages import Stage
+
+
+class GenerateConfig(StageConfig):
+    """`kdforge generate`: the teacher answers a prompt set (sequence-level KD data)."""
+
+    model: str = Field(description="teacher: HF folder, GGUF file, or embedded:smollm2-135m-instruct")
+    prompts: str = Field("bundled", description="'bundled' or a JSONL file (prompt/messages/alpaca/sharegpt)")
+    split: Literal["train", "validation", "all"] = "all"
+    limit: int | None = Field(None, gt=0, description="use only the first N prompts of each split")
+    val_limit: int | None = Field(None, gt=0, description="with split=all: cap for validation (default: limit)")
+    out: str = "artifacts/generate"
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+    preset: Literal["greedy", "recipe"] | None = Field(
+        None, description="greedy, or the common recipe: sampling at temperature 0.7, top-p 0.9"
+    )
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_samples: int = Field(1, gt=0, description="answers per prompt (needs sampling when > 1)")
+    seed: int = 0
+    dtype: Dtype = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _apply_preset(self) -> GenerateConfig:
+        if self.preset == "recipe":
+            object.__setattr__(self, "do_sample", True)
+            object.__setattr__(self, "temperature", 0.7)
+            object.__setattr__(self, "top_p", 0.9)
+        elif self.preset == "greedy":
+            object.__setattr__(self, "do_sample", False)
+        if self.num_samples > 1 and not self.do_sample:
+            raise ValueError("num_samples > 1 needs sampling: set do_sample=true or preset=recipe")
+        return self
+
 
 DATA_NAME = "data.jsonl"
+FILES = {"data": DATA_NAME}  # this stage's layout (meta.json "files"): what readers look up
 # Settings that change the answers: a resumed run must match them.
 _RESUME_KEYS = ("model", "prompts", "max_new_tokens", "do_sample", "temperature", "top_p", "num_samples", "seed")
 
@@ -71,7 +106,7 @@ def _check_resumable(out: Path, cfg: GenerateConfig) -> None:
         )
 
 
-def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict[str, Any]:
+def run(cfg: GenerateConfig, overwrite: bool = False) -> dict[str, Any]:
     t0 = time.time()
     out = Path(cfg.out)
     if overwrite and out.exists():
@@ -90,6 +125,8 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict[str, Any]
 
     stats = {"generated_tokens": 0, "seconds": 0.0, "stop": 0, "length": 0}
     if todo:
+        from kdforge.models.loading import load_model
+
         model, tok = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
         generate_into(model, tok, todo, cfg, data_path, stats)
     total = len(done) + len(todo)
@@ -103,7 +140,7 @@ def run_generate(cfg: GenerateConfig, overwrite: bool = False) -> dict[str, Any]
     }
     prompts_src = bundled_prompts_path() if cfg.prompts == BUNDLED else cfg.prompts
     write_meta(out, "generate", {"prompts": prompts_src, "teacher": _local_path(cfg.model)},
-               metrics, time.time() - t0, extra={"complete": True, "data": DATA_NAME})
+               metrics, time.time() - t0, extra={"complete": True, "data": DATA_NAME}, files=FILES)
     return metrics
 
 
@@ -111,9 +148,15 @@ def _local_path(spec: str) -> str | None:
     return spec if Path(spec).exists() else None
 
 
-@torch.inference_mode()
 def generate_into(model, tok, todo: list[tuple[Conversation, int]], cfg: GenerateConfig,
                   data_path: Path, stats: dict[str, Any]) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from kdforge.data.batching import left_pad
+    from kdforge.data.chat import encode_prompt
+    from kdforge.models.loading import end_of_turn_ids
+
     device = next(model.parameters()).device
     stop_ids = end_of_turn_ids(tok, model)
     encoded = [(c, k, encode_prompt(tok, c.prompt_messages)) for c, k in todo]
@@ -138,8 +181,9 @@ def generate_into(model, tok, todo: list[tuple[Conversation, int]], cfg: Generat
                 first = _record_id(batch[0][0], batch[0][1], cfg.num_samples)
                 torch.manual_seed(cfg.seed * 1_000_003 + zlib.crc32(first.encode()))
             t = time.time()
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
-                                 generation_config=gen_cfg)  # (B, width + new)
+            with torch.inference_mode():
+                out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
+                                         generation_config=gen_cfg)  # (B, width + new)
             stats["seconds"] += time.time() - t
             lines = []
             for i, (conv, k, ids) in enumerate(batch):
@@ -164,3 +208,9 @@ def generate_into(model, tok, todo: list[tuple[Conversation, int]], cfg: Generat
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{stats['generated_tokens'] / max(stats['seconds'], 1e-9):.1f}")
     bar.close()
+
+
+STAGES = (Stage("generate", "the teacher answers a prompt set (batched, resumable)", GenerateConfig, run,
+                positional="model",
+                flags=("prompts", "split", "limit", "out", "batch_size", "max_new_tokens", "preset", "num_samples",
+                       "seed")),)

@@ -15,34 +15,56 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from safetensors.numpy import save_file
-from tqdm import tqdm
+from pydantic import Field
 
 from kdforge.artifacts import atomic_write_json, file_sha256, fsync_dir, write_config, write_meta
-from kdforge.config import ConfigError, LabelConfig, dump, read_yaml
-from kdforge.data.batching import collate, shared_vocab_size
-from kdforge.data.chat import encode_conversation
+from kdforge.config import ConfigError, Dtype, StageConfig, dump, read_yaml
 from kdforge.data.formats import data_file, load_training_data, select_split
-from kdforge.models.forward import DEFAULT_PACK_LENGTH, capture, target_logits
-from kdforge.models.loading import load_model, resolve_model
-from kdforge.softlabels.format import FORMAT_VERSION, bytes_per_target, encode_topk, id_dtype, tokenizer_fingerprint
-from kdforge.softlabels.reader import MANIFEST
+from kdforge.softlabels import MANIFEST, shard_name
+from kdforge.stages import Stage
+
+
+class LabelConfig(StageConfig):
+    """`kdforge label`: the teacher's top-k soft labels cached on disk (offline distillation)."""
+
+    teacher: str
+    data: str = Field(description="a generate artifact folder or a JSONL file of conversations")
+    out: str = "artifacts/labels"
+    split: Literal["train", "validation", "all"] = "all"
+    limit: int | None = Field(None, gt=0)
+    top_k: int = Field(64, gt=1, le=1024)
+    temperature: float = Field(1.0, gt=0, description="capture temperature")
+    max_length: int = Field(256, gt=8, description="must equal distill.max_length when training from the cache")
+    hidden_layers: list[int] = Field(default_factory=list, description="teacher layers whose hidden states to keep")
+    batch_size: int = Field(8, gt=0)
+    shard_size: int = Field(256, gt=0, description="conversations per shard")
+    dtype: Dtype = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
 
 _SAME = ("teacher", "data", "split", "limit", "top_k", "temperature", "max_length", "hidden_layers", "shard_size")
 
 
 def _weights_sha256(spec: str) -> str:
+    from kdforge.models.loading import resolve_model
+
     src = resolve_model(spec)
     files = [src.folder / src.gguf_file] if src.gguf_file else sorted(src.folder.glob("*.safetensors"))
     return file_sha256(files[0]) if len(files) == 1 else json.dumps([file_sha256(f) for f in files])
 
 
-def run_label(cfg: LabelConfig, overwrite: bool = False) -> dict[str, Any]:
+def run(cfg: LabelConfig, overwrite: bool = False) -> dict[str, Any]:
+    from safetensors.numpy import save_file
+    from tqdm import tqdm
+
+    from kdforge.data.batching import shared_vocab_size
+    from kdforge.data.chat import encode_conversation
+    from kdforge.models.loading import load_model
+    from kdforge.softlabels.format import FORMAT_VERSION, bytes_per_target, id_dtype, tokenizer_fingerprint
+
     t0 = time.time()
     out = Path(cfg.out)
     convs = select_split(load_training_data(cfg.data), cfg.split, cfg.limit)
@@ -77,7 +99,7 @@ def run_label(cfg: LabelConfig, overwrite: bool = False) -> dict[str, Any]:
     bar = tqdm(total=len(encoded), desc="label", unit="conv", dynamic_ncols=True)
     for s in range(n_shards):
         lo, hi = s * cfg.shard_size, min(len(encoded), (s + 1) * cfg.shard_size)
-        name = f"shard-{s:05d}.safetensors"
+        name = shard_name(s)
         meta_path = out / f".{name}.json"
         info = json.loads(meta_path.read_text()) if meta_path.is_file() else known.get(name)
         if info and (out / name).is_file() and info["examples"] == hi - lo:
@@ -134,9 +156,22 @@ def run_label(cfg: LabelConfig, overwrite: bool = False) -> dict[str, Any]:
     return metrics
 
 
-@torch.inference_mode()
-def label_examples(teacher, tok, examples, cfg: LabelConfig, vocab: int, bar) -> dict[str, np.ndarray]:
-    """Top-k labels (and hidden states) of a shard's examples, concatenated in example order."""
+def label_examples(teacher, tok, examples, cfg: LabelConfig, vocab: int, bar) -> dict:
+    """Top-k labels (and hidden states) of a shard's examples, concatenated in example order: name -> array."""
+    import torch
+
+    with torch.inference_mode():
+        return _label_examples(teacher, tok, examples, cfg, vocab, bar)
+
+
+def _label_examples(teacher, tok, examples, cfg: LabelConfig, vocab: int, bar) -> dict:
+    import numpy as np
+    import torch.nn.functional as F
+
+    from kdforge.data.batching import collate
+    from kdforge.models.forward import DEFAULT_PACK_LENGTH, capture, target_logits
+    from kdforge.softlabels.format import encode_topk
+
     device = next(teacher.parameters()).device
     parts: dict[str, list[np.ndarray]] = {}
     n_targets, n_tokens = [0], [0]
@@ -173,3 +208,7 @@ def label_examples(teacher, tok, examples, cfg: LabelConfig, vocab: int, bar) ->
     if cfg.hidden_layers:
         arrays["token_offsets"] = np.asarray(n_tokens, dtype=np.int64)
     return arrays
+
+
+STAGES = (Stage("label", "cache the teacher's top-k soft labels on disk (offline distillation)", LabelConfig, run,
+                positional="teacher", flags=("data", "out", "top_k", "hidden_layers", "batch_size")),)

@@ -1,1 +1,0 @@
-"""The teacher's side: batched generation of answers (and, later, the soft-label cache)."""
