@@ -50,7 +50,8 @@ def field_argument(config: type, field: str, with_default: bool = True) -> dict[
     if ann is bool:
         kw["action"] = argparse.BooleanOptionalAction
     elif origin is Literal:
-        kw["choices"] = list(typing.get_args(ann))
+        # Shown, not enforced here: the config rejects a wrong value with the same message as in a YAML file.
+        kw["metavar"] = "{" + ",".join(str(a) for a in typing.get_args(ann)) + "}"
     elif origin is list:
         (item,) = typing.get_args(ann) or (str,)
         if item is int:

@@ -38,10 +38,10 @@ class DistillConfig(StageConfig):
     """`kdforge distill`: train the student on teacher answers with an online teacher."""
 
     teacher: str | None = Field(None, description="the live teacher (not needed with labels)")
-    student: str
+    student: str = Field(description="the student to train: an HF folder (e.g. a `kdforge student` artifact)")
     data: str = Field(description="a generate artifact folder or a JSONL file of conversations")
     labels: str | None = Field(None, description="a `kdforge label` cache: train from it, never load the teacher")
-    out: str = "artifacts/distill"
+    out: str = Field("artifacts/distill", description="output folder: checkpoints, log, the trained student")
     split: Literal["train", "validation", "all"] = "train"
     # objective: kd_weight * (alpha*CE + (1-alpha)*T^2*D) + hidden_weight*H + attention_weight*A
     loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv"] = "forward_kl"
@@ -62,9 +62,9 @@ class DistillConfig(StageConfig):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     freeze: list[str] = Field(default_factory=list, description="regexes of parameter names to freeze")
     max_steps: int = Field(200, gt=0, description="optimizer steps")
-    batch_size: int = Field(4, gt=0)
+    batch_size: int = Field(4, gt=0, description="conversations per micro-batch")
     grad_accum: int = Field(1, gt=0)
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)

@@ -37,13 +37,14 @@ FILES = {"report": "report.json", "markdown": "report.md", "task_answers": "task
 class EvalConfig(StageConfig):
     """`kdforge eval`: teacher vs students on held-out teacher answers."""
 
-    teacher: str
-    students: list[str] = Field(default_factory=list)
+    teacher: str = Field(description="the reference model: HF folder, GGUF file or embedded:NAME")
+    students: list[str] = Field(default_factory=list, description="models compared with the teacher (HF folders, "
+                                "GGUF files)")
     names: list[str] | None = Field(None, description="display names, one per student")
-    data: str
-    out: str = "artifacts/eval"
+    data: str = Field(description="held-out teacher answers: a generate folder or a JSONL file")
+    out: str = Field("artifacts/eval", description="output folder: report.json, report.md, plots")
     split: Literal["train", "validation", "all"] = "validation"
-    limit: int | None = Field(None, gt=0)
+    limit: int | None = Field(None, gt=0, description="at most N conversations of the split")
     batch_size: int = Field(8, gt=0)
     max_length: int = Field(256, gt=8)
     decode_tokens: int = Field(64, gt=0, description="greedy tokens generated to time decoding")

@@ -25,8 +25,8 @@ class ExportConfig(StageConfig):
     """`kdforge export`: write a model as GGUF (llama.cpp / Ollama) and check the file round-trips."""
 
     model: str = Field(description="HF folder, .gguf file, or embedded:smollm2-135m-instruct")
-    out: str = "artifacts/export"
-    to: Literal["gguf"] = "gguf"
+    out: str = Field("artifacts/export", description="output folder: model-<quant>.gguf files and report.json")
+    to: Literal["gguf"] = Field("gguf", description="output format")
     quant: list[str] = Field(default_factory=lambda: ["f16"],
                              description=f"one or more of {', '.join(QUANT_NAMES)}; one file each")
     keep_f16: list[str] = Field(default_factory=list,
@@ -62,8 +62,8 @@ class ExportConfig(StageConfig):
 class QuantizeConfig(StageConfig):
     """`kdforge quantize`: weight quantisation in PyTorch (torchao; bitsandbytes on CUDA), saved to reload."""
 
-    model: str
-    out: str = "artifacts/quantize"
+    model: str = Field(description="HF folder, .gguf file, or embedded:smollm2-135m-instruct")
+    out: str = Field("artifacts/quantize", description="output folder: the quantised HF folder and report.json")
     method: Literal[METHODS] = Field("int8", description="int8, int8-dynamic, int4, int8-int4 (torchao); "  # type: ignore[valid-type]
                                      "nf4, bnb-int8 (bitsandbytes, CUDA only)")
     group_size: int = Field(32, gt=0, description="int4 methods: weights per scale")

@@ -31,12 +31,12 @@ class GenerateConfig(StageConfig):
 
     model: str = Field(description="teacher: HF folder, GGUF file, or embedded:smollm2-135m-instruct")
     prompts: str = Field("bundled", description="'bundled' or a JSONL file (prompt/messages/alpaca/sharegpt)")
-    split: Literal["train", "validation", "all"] = "all"
+    split: Literal["train", "validation", "all"] = Field("all", description="which prompts to answer")
     limit: int | None = Field(None, gt=0, description="use only the first N prompts of each split")
     val_limit: int | None = Field(None, gt=0, description="with split=all: cap for validation (default: limit)")
-    out: str = "artifacts/generate"
-    batch_size: int = Field(16, gt=0)
-    max_new_tokens: int = Field(128, gt=0)
+    out: str = Field("artifacts/generate", description="output folder (a re-run with the same settings resumes)")
+    batch_size: int = Field(16, gt=0, description="prompts answered together (left-padded)")
+    max_new_tokens: int = Field(128, gt=0, description="answer length cap in tokens")
     preset: Literal["greedy", "recipe"] | None = Field(
         None, description="greedy, or the common recipe: sampling at temperature 0.7, top-p 0.9"
     )
@@ -44,7 +44,7 @@ class GenerateConfig(StageConfig):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     num_samples: int = Field(1, gt=0, description="answers per prompt (needs sampling when > 1)")
-    seed: int = 0
+    seed: int = Field(0, description="sampling seed (per record: the same answers on resume)")
     dtype: Dtype = "auto"
     device: str = "auto"
     trust_remote_code: bool = False

@@ -29,16 +29,16 @@ from kdforge.stages import Stage
 class LabelConfig(StageConfig):
     """`kdforge label`: the teacher's top-k soft labels cached on disk (offline distillation)."""
 
-    teacher: str
+    teacher: str = Field(description="teacher: HF folder, GGUF file, or embedded:smollm2-135m-instruct")
     data: str = Field(description="a generate artifact folder or a JSONL file of conversations")
-    out: str = "artifacts/labels"
+    out: str = Field("artifacts/labels", description="output folder (finished shards are reused on a re-run)")
     split: Literal["train", "validation", "all"] = "all"
     limit: int | None = Field(None, gt=0)
-    top_k: int = Field(64, gt=1, le=1024)
+    top_k: int = Field(64, gt=1, le=1024, description="teacher log-probs kept per target token")
     temperature: float = Field(1.0, gt=0, description="capture temperature")
     max_length: int = Field(256, gt=8, description="must equal distill.max_length when training from the cache")
     hidden_layers: list[int] = Field(default_factory=list, description="teacher layers whose hidden states to keep")
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="conversations per teacher forward pass")
     shard_size: int = Field(256, gt=0, description="conversations per shard")
     dtype: Dtype = "auto"
     device: str = "auto"

@@ -25,46 +25,47 @@ class _ModelServing(StageConfig):
     backend: Literal["auto", "transformers", "llama.cpp"] = Field(
         "auto", description="auto: llama.cpp for .gguf files when llama-cpp-python is installed, else transformers")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    dtype: Dtype = "auto"
+    dtype: Dtype = Field("auto", description="weights dtype (auto: fp32 on CPU, bf16 on CUDA)")
     max_model_len: int | None = Field(None, gt=0, description="context length (default: the model's)")
     max_batch: int = Field(16, gt=0, description="sequences decoded together in one step")
     model_name: str | None = Field(None, description="the name clients use (default: from MODEL)")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="allow the model folder's own Python code")
 
 
 class ServeConfig(_ModelServing):
     """`kdforge serve`: the OpenAI-compatible HTTP API."""
 
     host: str = Field("127.0.0.1", description="bind address (default 127.0.0.1: this machine only)")
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 (default: "
                                 "$KDFORGE_API_KEY, else none)")
     max_in_flight: int = Field(64, gt=0, description="requests accepted at once; more get 429 with Retry-After")
     max_tokens_limit: int | None = Field(None, gt=0, description="cap every request's max_tokens at this "
                                          "(default: the context)")
     ui: bool = Field(False, description="also open the Gradio chat page (needs kdforge[ui])")
-    ui_port: int = Field(7860, ge=0, le=65535)
+    ui_port: int = Field(7860, ge=0, le=65535, description="port of the chat page (with --ui)")
 
 
 class _Chatting(_ModelServing):
     system: str = Field("", description="system prompt")
     temperature: float = Field(0.7, ge=0, le=2, description="0 = greedy")
-    max_tokens: int = Field(512, gt=0)
+    max_tokens: int = Field(512, gt=0, description="answer length cap in tokens")
 
 
 class AppConfig(_Chatting):
     """`kdforge app`: the Gradio chat page."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(7860, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="bind address (default: this machine only)")
+    port: int = Field(7860, ge=0, le=65535, description="port of the page")
     open: bool = Field(False, description="open it in the browser")
 
 
 class ChatConfig(_Chatting):
     """`kdforge chat`: chat in the terminal."""
 
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set of tokens with "
+                         "this much probability")
+    seed: int | None = Field(None, description="sampling seed (default: a fresh one per answer)")
 
 
 def _engine(cfg: _ModelServing, max_tokens_cap: int | None = None):

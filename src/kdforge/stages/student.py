@@ -21,17 +21,18 @@ from kdforge.stages import Stage
 class StudentConfig(StageConfig):
     """`kdforge student`: build a student from the teacher."""
 
-    teacher: str
-    out: str = "artifacts/student"
+    teacher: str = Field(description="the model to cut the student from: HF folder, GGUF file or embedded:NAME")
+    out: str = Field("artifacts/student", description="output folder (an HF model folder)")
     method: Literal["layers", "depth", "width", "fresh"] = Field(
         "layers", description="layers: uniform subset; depth: by block influence; width: prune by activation "
         "importance; fresh: a smaller config, sliced or random")
     num_layers: int | None = Field(None, gt=0, description="layers to keep (layers/depth: 8; width/fresh: all)")
     layers: list[int] | None = Field(None, description="explicit teacher layer indices to keep (method=layers)")
-    hidden_size: int | None = Field(None, gt=0)
-    intermediate_size: int | None = Field(None, gt=0)
-    num_attention_heads: int | None = Field(None, gt=0)
-    num_key_value_heads: int | None = Field(None, gt=0)
+    hidden_size: int | None = Field(None, gt=0, description="width/fresh: hidden channels kept")
+    intermediate_size: int | None = Field(None, gt=0, description="width/fresh: FFN neurons kept per layer")
+    num_attention_heads: int | None = Field(None, gt=0, description="width/fresh: query heads kept per layer")
+    num_key_value_heads: int | None = Field(None, gt=0, description="width/fresh: KV heads (groups) kept per "
+                                            "layer")
     init: Literal["slice", "random"] = Field("slice", description="fresh: slice teacher weights or random init")
     calibration: str = Field("bundled", description="prompts or conversations to measure importance on")
     calibration_samples: int = Field(64, gt=0)
