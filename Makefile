@@ -24,6 +24,16 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,ui,lmeval]"
 	touch $(TEST_STAMP)
 
+# tests/test_ui_browser.py drives the chat page in Debian's chromium (apt-get install chromium; no browser
+# download): `make browser-deps` adds Playwright's Python package. Without either that test is skipped.
+BROWSER_STAMP := $(VENV)/.kdforge-browser-extras
+$(BROWSER_STAMP): $(TEST_STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,ui,lmeval,browser]"
+	touch $(BROWSER_STAMP)
+
+.PHONY: browser-deps
+browser-deps: $(BROWSER_STAMP)
+
 setup: $(STAMP)
 
 demo: setup
@@ -36,7 +46,7 @@ test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks
