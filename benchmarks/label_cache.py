@@ -24,7 +24,7 @@ from _common import TEACHER, layer_student, teacher_answers  # noqa: E402
 from kdforge.data.batching import shared_vocab_size  # noqa: E402
 from kdforge.data.formats import load_training_data, select_split  # noqa: E402
 from kdforge.distill.losses import divergence, soft_divergence  # noqa: E402
-from kdforge.distill.teacher_source import CachedTeacher, LiveTeacher  # noqa: E402
+from kdforge.distill.teacher_source import CachedTeacher, LiveTeacher, TeacherRequest  # noqa: E402
 from kdforge.distill.trainer import encode_dataset, make_batch  # noqa: E402
 from kdforge.models.forward import target_logits  # noqa: E402
 from kdforge.models.loading import load_model  # noqa: E402
@@ -52,18 +52,19 @@ def main() -> None:
     vocab = shared_vocab_size(tok, teacher, student)
     live, cached = LiveTeacher(teacher, vocab), CachedTeacher(cache)
     examples, convs = encode_dataset(tok, select_split(load_training_data(data), "train"), 256)
-    row_of = {e["id"]: i for i, e in enumerate(cache.manifest["examples"])}
+    row_of = cache.rows()
+    logits_only = TeacherRequest()  # the signal at the target positions, no hidden states or attention
     diffs, dense_total, diffs_t2 = [], [], []
     with torch.no_grad():
         for i in range(0, len(examples), 8):
             b = make_batch(examples[i:i + 8], [row_of[c.id] for c in convs[i:i + 8]], tok.pad_token_id)
             s_logits, _ = target_logits(student, b["input_ids"], b["attention_mask"], b["labels"], vocab)
-            dense = divergence(s_logits, live(b, True, [], False, False).signal, "forward_kl").mean()
-            sparse = soft_divergence(s_logits, cached(b, True, [], False, False).signal, "forward_kl", 1.0).mean()
+            dense = divergence(s_logits, live(b, logits_only).signal, "forward_kl").mean()
+            sparse = soft_divergence(s_logits, cached(b, logits_only).signal, "forward_kl", 1.0).mean()
             diffs.append(float((dense - sparse).abs()))
             # At T=2 (the default training temperature) the cache's top-k are re-tempered, the tail estimated.
-            d2 = divergence(s_logits, live(b, True, [], False, False).signal, "forward_kl", 2.0).mean()
-            s2 = soft_divergence(s_logits, cached(b, True, [], False, False).signal, "forward_kl", 2.0).mean()
+            d2 = divergence(s_logits, live(b, logits_only).signal, "forward_kl", 2.0).mean()
+            s2 = soft_divergence(s_logits, cached(b, logits_only).signal, "forward_kl", 2.0).mean()
             diffs_t2.append(float((d2 - s2).abs()))
             dense_total.append(float(dense))
     loss_abs_diff = sum(diffs) / len(diffs)

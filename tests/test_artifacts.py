@@ -66,3 +66,115 @@ def test_sigterm_removes_the_temporary_folder(tmp_path, tokenizer):
                    lambda: any(tmp_path.glob(".export.tmp-*")), sig=signal.SIGTERM)
     assert rc == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_atomic_file_takes_any_writer_and_leaves_nothing_on_failure(tmp_path):
+    """The one atomic-write helper: a library writes the temporary path (here safetensors and torch.save),
+    the file appears whole under its name; a failure keeps the old file and removes the temporary."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from kdforge.artifacts import atomic_file
+
+    path = tmp_path / "w.safetensors"
+    with atomic_file(path) as tmp:
+        assert tmp.parent == path.parent and tmp.name.startswith(".") and tmp.suffix == ".safetensors"
+        save_file({"x": torch.ones(3)}, str(tmp))
+    assert torch.equal(load_file(path)["x"], torch.ones(3))
+    with pytest.raises(RuntimeError), atomic_file(path) as tmp:
+        torch.save({"half": 1}, tmp)
+        raise RuntimeError("killed mid-write")
+    assert torch.equal(load_file(path)["x"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+def test_atomic_file_removes_a_dead_process_temporary(tmp_path):
+    import subprocess
+    import sys
+
+    from kdforge.artifacts import atomic_write_text
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".a.json.tmp-{int(dead.stdout)}.json"  # what a SIGKILLed writer leaves
+    stale.write_text("{")
+    atomic_write_text(tmp_path / "a.json", "{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_append_lines_and_a_torn_last_line(tmp_path):
+    from kdforge.artifacts import append_lines, read_lines
+
+    log = tmp_path / "log.jsonl"
+    assert read_lines(log) == []
+    append_lines(log, ['{"a": 1}', '{"a": 2}'])
+    append_lines(log, [])
+    with open(log, "ab") as f:
+        f.write(b'{"a": 3')  # a kill mid-append
+    assert read_lines(log) == ['{"a": 1}', '{"a": 2}'] and log.read_bytes().endswith(b"3")
+    assert read_lines(log, repair=True) == ['{"a": 1}', '{"a": 2}']
+    append_lines(log, ['{"a": 3}'])  # the next append starts on a line of its own
+    assert read_lines(log) == ['{"a": 1}', '{"a": 2}', '{"a": 3}']
+
+
+def test_check_resume_names_each_setting_and_refuses_new_ones(tmp_path):
+    from kdforge.artifacts import check_resume
+    from kdforge.config import ConfigError
+
+    before = {"out": "a", "batch_size": 4, "dtype": "float32", "top_k": 8}
+    may_change = {"out", "batch_size"}
+    check_resume(tmp_path, before, before | {"out": "b", "batch_size": 16}, may_change, "labels", "fix.", ConfigError)
+    with pytest.raises(ConfigError, match=r"other settings.*dtype: 'float32' before, 'bfloat16' now; "
+                                          r"top_k: 8 before, 16 now\. Use another --out") as e:
+        check_resume(tmp_path, before, before | {"dtype": "bfloat16", "top_k": 16}, may_change, "labels",
+                     "Use another --out.", ConfigError)
+    assert str(tmp_path) in str(e.value)
+    # A setting the earlier run did not have (a field added to the config since) is refused by default,
+    # and so is one it had that is gone.
+    with pytest.raises(ConfigError, match=r"seed: \(not set\) before, 0 now"):
+        check_resume(tmp_path, before, before | {"seed": 0}, may_change, "labels", "", ConfigError)
+    with pytest.raises(ConfigError, match=r"top_k: 8 before, \(not set\) now"):
+        check_resume(tmp_path, before, {k: v for k, v in before.items() if k != "top_k"}, may_change, "labels", "",
+                     ConfigError)
+
+
+def test_every_stage_declares_settings_that_exist():
+    """Each resumable stage's MAY_CHANGE names fields of its config (a misspelt name would refuse it)."""
+    from kdforge.stages import distill, generate, label
+
+    for module, config in ((generate, generate.GenerateConfig), (label, label.LabelConfig),
+                           (distill, distill.DistillConfig)):
+        assert module.MAY_CHANGE <= set(config.model_fields), module.__name__
+    assert "dtype" not in generate.MAY_CHANGE and "dtype" not in label.MAY_CHANGE
+
+
+def test_atomic_dir_first_wins_keeps_the_folder_another_process_finished(tmp_path):
+    """A shared cache (the converted embedded teacher): two builders, the first rename wins, the second
+    drops its copy instead of replacing a folder someone may be reading."""
+    final = tmp_path / "model-v1"
+    with atomic_dir(final, first_wins=True) as tmp:
+        (tmp / "mine").write_text("second")
+        final.mkdir()  # meanwhile another process finished its conversion
+        (final / "theirs").write_text("first")
+    assert sorted(p.name for p in final.iterdir()) == ["theirs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-v1"]
+    other = tmp_path / "fresh"
+    with atomic_dir(other, first_wins=True) as tmp:
+        (tmp / "mine").write_text("only")
+    assert (other / "mine").read_text() == "only"
+
+
+def test_atomic_files_moves_each_file_into_a_folder_in_use(tmp_path):
+    from kdforge.artifacts import atomic_files
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.json").write_text("old")
+    with pytest.raises(RuntimeError), atomic_files(out) as tmp:
+        (tmp / "config.json").write_text("half")
+        raise RuntimeError("crash in save_pretrained")
+    assert (out / "config.json").read_text() == "old"
+    with atomic_files(out) as tmp:
+        (tmp / "config.json").write_text("new")
+        (tmp / "model.safetensors").write_bytes(b"w")
+    assert (out / "config.json").read_text() == "new"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "model.safetensors"]

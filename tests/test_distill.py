@@ -206,6 +206,21 @@ def test_resume_with_changed_settings_is_refused(tokenizer, tmp_path, data_file)
         run_distill(DistillConfig(**base))
 
 
+def test_resume_may_change_bookkeeping_and_drops_a_torn_log_row(tokenizer, tmp_path, data_file):
+    """A setting in MAY_CHANGE (keep_checkpoints) resumes; the log is cut back to the checkpoint by an atomic
+    rewrite, and a row torn by the kill (no newline) is dropped rather than breaking the resume."""
+    t, s = _pair(tmp_path, tokenizer)
+    base = dict(teacher=t, student=s, data=str(data_file), out=str(tmp_path / "o"), max_steps=4, batch_size=2,
+                save_every=2, log_every=1)
+    run_distill(DistillConfig(**base))
+    log = tmp_path / "o" / "train_log.jsonl"
+    with open(log, "ab") as f:
+        f.write(b'{"step": 5, "loss": 1.')  # a kill mid-append
+    run_distill(DistillConfig(**base | {"keep_checkpoints": 3}), resume=True)
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3, 4]
+    assert not [p.name for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]
+
+
 def test_qwen_teacher_with_padded_vocab_distils_into_smaller_vocab_student(tokenizer, tmp_path, data_file):
     """Qwen2.5-style: teacher 152,064-like rows, student 151,936-like rows, one tokenizer."""
     t, s = _pair(tmp_path, tokenizer, arch="qwen2", teacher_extra_rows=256, student_extra_rows=128)

@@ -62,6 +62,25 @@ def test_changed_settings_refuse_to_resume(tiny_llama_dir, prompts_file, tmp_pat
         run_generate(GenerateConfig(**base, max_new_tokens=5))
 
 
+def test_other_precision_or_a_new_setting_refuse_to_resume(tiny_llama_dir, prompts_file, tmp_path):
+    """dtype changes the answers, so it may not change; a setting the earlier run did not record (a field
+    added to the config since) is refused by default; one that may change (batch size, limits) resumes."""
+    import yaml
+
+    base = dict(model=str(tiny_llama_dir), prompts=str(prompts_file), out=str(tmp_path / "g"), max_new_tokens=4)
+    run_generate(GenerateConfig(**base, split="validation", dtype="float32"))
+    with pytest.raises(ValueError, match="dtype: 'float32' before, 'bfloat16' now"):
+        run_generate(GenerateConfig(**base, split="validation", dtype="bfloat16"))
+    m = run_generate(GenerateConfig(**base, dtype="float32", batch_size=2, limit=2, device="cpu"))
+    assert m["resumed_records"] == 3 and m["records"] == 5  # 2 train prompts added to the 3 validation ones
+    config = tmp_path / "g" / "config.yaml"
+    old = yaml.safe_load(config.read_text())
+    del old["seed"]
+    config.write_text(yaml.safe_dump(old))
+    with pytest.raises(ValueError, match=r"seed: \(not set\) before, 0 now"):
+        run_generate(GenerateConfig(**base, dtype="float32", limit=2))
+
+
 def test_torn_last_line_is_dropped_and_redone(tiny_llama_dir, prompts_file, tmp_path):
     cfg = GenerateConfig(model=str(tiny_llama_dir), prompts=str(prompts_file), out=str(tmp_path / "g"),
                          max_new_tokens=4)

@@ -171,11 +171,11 @@ def test_distill_from_cache_never_loads_the_teacher(labelled, tmp_path, monkeypa
     from kdforge.stages.student import run as run_student
 
     run_student(StudentConfig(teacher=str(t_dir), out=str(tmp_path / "s"), layers=[0, 2]))
-    import kdforge.distill.trainer as trainer
+    import kdforge.models.loading as loading  # the stage imports load_model from here when it runs
 
-    real = trainer.load_model
+    real = loading.load_model
     loaded = []
-    monkeypatch.setattr(trainer, "load_model", lambda spec, *a, **k: loaded.append(spec) or real(spec, *a, **k))
+    monkeypatch.setattr(loading, "load_model", lambda spec, *a, **k: loaded.append(spec) or real(spec, *a, **k))
     m = run_distill(DistillConfig(student=str(tmp_path / "s"), labels=str(cache), data=str(data),
                                   out=str(tmp_path / "o"), max_steps=4, batch_size=2, eval_every=2, log_every=1,
                                   hidden_loss="cosine", temperature=2.0, loss="reverse_kl"))
@@ -266,3 +266,86 @@ def test_cached_signal_with_full_vocabulary_trains_like_the_live_teacher(tokeniz
         assert cached["loss"] == pytest.approx(live["loss"], rel=1e-4)
         assert cached["soft"] == pytest.approx(live["soft"], rel=1e-4)
         torch.testing.assert_close(g_cached, g_live, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_resume_in_another_precision_is_refused(tokenizer, tmp_path):
+    """Resuming a cache in another dtype would mix bf16 and fp32 labels in one cache: refused, with the
+    setting and both values named; a setting that may change (batch size, device) resumes."""
+    teacher = make_tiny("llama", len(tokenizer), seed=7, layers=2)
+    t_dir = tmp_path / "teacher"
+    teacher.save_pretrained(t_dir)
+    tokenizer.save_pretrained(t_dir)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"c{i}", "messages": m}) + "\n" for i, m in enumerate(CONVS[:4])))
+    base = dict(teacher=str(t_dir), data=str(data), out=str(tmp_path / "labels"), top_k=8, shard_size=2)
+    run_label(LabelConfig(**base, dtype="float32", batch_size=2))
+    manifest = (tmp_path / "labels" / "manifest.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"other settings.*dtype: 'float32' before, 'bfloat16' now"):
+        run_label(LabelConfig(**base, dtype="bfloat16"))
+    assert (tmp_path / "labels" / "manifest.json").read_bytes() == manifest  # the refused run touched nothing
+    m = run_label(LabelConfig(**base, dtype="float32", batch_size=4, device="cpu"))
+    assert m["reused_examples"] == 4
+
+
+# The manifest's keys, in order, as the label stage has always written them (caches made before the typed
+# manifest must keep reading, and caches made now must read in older code).
+MANIFEST_KEYS = {
+    "": ["format_version", "teacher", "tokenizer", "data", "examples", "k", "temperature", "max_length", "vocab_size",
+         "hidden_layers", "teacher_layers", "teacher_hidden_size", "dtypes", "counts", "bytes_per_target_token",
+         "shards"],
+    "teacher": ["spec", "weights_sha256"],
+    "tokenizer": ["vocab_sha256", "chat_template_sha256", "special_tokens_sha256", "vocab_size"],
+    "data": ["path", "sha256", "split", "limit"],
+    "examples": ["id", "split"],
+    "dtypes": ["topk_ids", "top1_logprob", "topk_codes", "tail_logmass", "hidden"],
+    "counts": ["examples", "targets", "tokens"],
+    "bytes_per_target_token": ["format", "on_disk"],
+    "shards": ["file", "examples", "targets", "bytes", "sha256"],
+}
+
+
+@pytest.mark.integration
+def test_typed_manifest_keeps_the_json_on_disk(labelled):
+    from kdforge.artifacts import atomic_write_json
+    from kdforge.softlabels.reader import read_manifest
+    from kdforge.softlabels.writer import manifest_json
+
+    _, _, cache, _ = labelled
+    raw = json.loads((cache / "manifest.json").read_text())
+    assert list(raw) == MANIFEST_KEYS[""]
+    for key, keys in MANIFEST_KEYS.items():
+        if key:
+            value = raw[key][0] if isinstance(raw[key], list) else raw[key]
+            assert list(value) == keys, key
+    # Read and written again: byte for byte the same file.
+    again = cache.parent / "again.json"
+    atomic_write_json(again, manifest_json(read_manifest(cache / "manifest.json")))
+    assert again.read_bytes() == (cache / "manifest.json").read_bytes()
+    # No sidecars are left once the manifest is written.
+    assert not list(cache.glob(".*.json"))
+
+
+@pytest.mark.integration
+def test_corrupt_or_foreign_manifest_names_the_file_and_field(labelled):
+    _, _, cache, _ = labelled
+    path = cache / "manifest.json"
+    good = json.loads(path.read_text())
+    bad = json.loads(path.read_text())
+    bad["shards"][1]["bytes"] = "many"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(CacheError, match=r"manifest.json: not a valid soft-label manifest: shards\.1\.bytes"):
+        SoftLabelCache(cache)
+    del bad["shards"][1]["bytes"], bad["k"]
+    path.write_text(json.dumps(bad))
+    with pytest.raises(CacheError, match=r"manifest.json: .*k: Field required.*shards\.1\.bytes: Field required"):
+        SoftLabelCache(cache)
+    path.write_text(json.dumps(good | {"extra": 1}))
+    with pytest.raises(CacheError, match=r"manifest.json: .*extra: Extra inputs"):
+        SoftLabelCache(cache)
+    path.write_text(json.dumps({"name": "someone else's manifest"}))
+    with pytest.raises(CacheError, match="manifest.json: format version None is not 1"):
+        SoftLabelCache(cache)
+    path.write_text(path.read_text()[:20])
+    with pytest.raises(CacheError, match="manifest.json: corrupt manifest"):
+        SoftLabelCache(cache)

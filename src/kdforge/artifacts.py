@@ -2,25 +2,31 @@
 
 Every stage writes one folder holding its product, the resolved ``config.yaml`` it ran with and
 ``meta.json`` (stage, kdforge version, parent artifacts with their hashes, metrics, wall time).
-Writes are atomic: a file is written under a temporary name, fsynced, then renamed, so a crash
-never leaves a half-written file behind.
+Writes are atomic, by one mechanism: a file is written under a temporary name, fsynced, then renamed
+(:func:`atomic_file`, and :func:`atomic_dir` for a folder), so a crash never leaves a half-written
+file behind. Append-only logs (JSONL) are the other mechanism: whole lines appended with one fsynced
+write, a torn last line dropped when read (:func:`append_lines`, :func:`read_lines`). Resuming a
+stage compares its settings with the earlier run's, allowing only those it declares may change
+(:func:`check_resume`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kdforge import __version__
+from kdforge.errors import UserError
 
 META_NAME = "meta.json"
 CONFIG_NAME = "config.yaml"
@@ -36,17 +42,60 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file + fsync + rename."""
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to disk: a rename is only atomic for data that reached the disk first."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (what a library such as ``save_pretrained`` wrote there)."""
+    for p in sorted(root.rglob("*"), reverse=True):  # deepest first: files before the folders that list them
+        if p.is_file() and not p.is_symlink():
+            fsync_file(p)
+        elif p.is_dir():
+            fsync_dir(p)
+    fsync_dir(root)
+
+
+def _temporary(final: Path, kind: str) -> Path:
+    """``.<name>.<kind>-<pid><suffix>``: hidden, owned by this process (so a crashed process's can be
+    found and removed), and with the final suffix kept for libraries that pick a format from it."""
+    return final.with_name(f".{final.name}.{kind}-{os.getpid()}{final.suffix}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """The one way a file is written: yield a temporary path next to ``path`` for the caller to write by
+    any means (``save_file``, ``torch.save``, a GGUF writer, ``write_bytes``), then fsync it, rename it
+    over ``path`` and fsync the folder. If the body raises, the temporary is removed and an existing
+    ``path`` is untouched, so a reader sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    remove_stale_temporaries(path)
+    tmp = _temporary(path, "tmp")
+    _remove(tmp)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file + fsync + rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -55,6 +104,38 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def append_lines(path: str | Path, lines: Iterable[str]) -> None:
+    """Append whole lines to an append-only file (a JSONL log) with one write + fsync.
+
+    Rewriting such a file per record would cost O(n^2); appending is safe because a kill can at most
+    tear the last line, and readers drop (or, resuming, cut) a line without its newline: read_lines.
+    """
+    data = "".join(f"{line}\n" for line in lines).encode("utf-8")
+    if not data:
+        return
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_lines(path: str | Path, repair: bool = False) -> list[str]:
+    """The complete lines of an append-only file (none if it is missing). A last line without its newline
+    is a write torn by a kill: it is ignored, and with ``repair`` also cut off the file, so the next
+    append starts on a line of its own."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    keep = raw.rfind(b"\n") + 1  # everything after the last newline is a partial write
+    if repair and keep != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return raw[:keep].decode("utf-8").splitlines()
 
 
 def _alive(pid: int) -> bool:
@@ -68,27 +149,31 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(final: Path) -> list[Path]:
-    """Delete ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` folders next to ``final`` left by a process that
-    no longer runs (killed by SIGKILL, or the machine went down), so they do not pile up; returns them."""
+    """Delete ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` files and folders next to ``final`` left by a process
+    that no longer runs (killed by SIGKILL, or the machine went down), so they do not pile up; returns them."""
     removed = []
     for kind in ("tmp", "old"):
-        for path in final.parent.glob(f".{final.name}.{kind}-*"):
-            pid = path.name.rsplit("-", 1)[-1]
+        for path in final.parent.glob(f".{glob.escape(final.name)}.{kind}-*"):
+            pid = path.name[len(f".{final.name}.{kind}-"):]
+            pid = pid[:-len(final.suffix)] if final.suffix and pid.endswith(final.suffix) else pid
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
+                _remove(path)
                 removed.append(path)
     return removed
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(final: str | Path, overwrite: bool = False, first_wins: bool = False) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it into place only on success.
 
-    Yields the temporary path. If the body raises, the temporary folder is removed and any
-    existing ``final`` folder is left untouched.
+    Yields the temporary path; everything written there is fsynced before the rename. If the body
+    raises, the temporary folder is removed and any existing ``final`` folder is left untouched.
+    ``first_wins`` is for a shared cache that other processes may build at the same time: if ``final``
+    appeared while this one was built (another process finished first), theirs is kept and ours
+    dropped, so a folder another process may be reading is never swapped under it.
     """
     final = Path(final)
-    if final.exists() and not overwrite:
+    if final.exists() and not overwrite and not first_wins:
         raise FileExistsError(
             f"{final} already exists; pass --overwrite to replace it or choose another --out"
         )
@@ -100,10 +185,18 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
+    if first_wins:
+        try:
+            os.rename(tmp, final)  # refused when final is a non-empty folder: the other process won
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not final.is_dir():
+                raise
+    elif final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
         os.replace(tmp, final)
@@ -111,6 +204,58 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     else:
         os.replace(tmp, final)
     fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_files(folder: str | Path) -> Iterator[Path]:
+    """For a library that writes several files into a folder (``save_pretrained``) when ``folder`` already
+    holds others (a distill run's checkpoints and log): yield a temporary folder inside it, then fsync
+    each file written there and rename it into ``folder``. Each file appears whole; the set is marked
+    finished by whatever the caller writes last (meta.json). On error nothing is moved."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder / ".files")
+    tmp = folder / f".files.tmp-{os.getpid()}"
+    _remove(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        for item in sorted(tmp.iterdir()):
+            target = folder / item.name
+            if item.is_dir() and target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+_UNSET = _Unset()
+
+
+def check_resume(folder: str | Path, previous: dict[str, Any], current: dict[str, Any],
+                 may_change: Collection[str], what: str, how_to_fix: str,
+                 error: type[Exception] = UserError) -> None:
+    """Refuse to continue the run in ``folder`` when a setting outside ``may_change`` differs.
+
+    Every stage resumes this way: it declares the settings that *may* change (bookkeeping such as the
+    output folder, batch size, device) and every other one must match, so a setting added to a config
+    later is refused by default instead of silently mixing two kinds of output. A setting only one of
+    the two configs has counts as changed. ``error`` is the type raised (the stages pass ConfigError:
+    this module sits below kdforge.config). The message names each setting with both values.
+    """
+    keys = list(current) + [k for k in previous if k not in current]
+    diffs = [f"{k}: {previous.get(k, _UNSET)!r} before, {current.get(k, _UNSET)!r} now"
+             for k in keys if k not in may_change and previous.get(k, _UNSET) != current.get(k, _UNSET)]
+    if diffs:
+        raise error(f"{folder} holds {what} made with other settings; these settings differ and may not change "
+                    f"on resume: {'; '.join(diffs)}. {how_to_fix}")
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -9,7 +9,6 @@ under a temporary name and renamed when complete, so a crash never leaves a part
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from kdforge.artifacts import atomic_write_json, fsync_dir
+from kdforge.artifacts import atomic_dir, atomic_write_json
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 
@@ -54,19 +53,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def save_checkpoint(out: Path, step: int, trainer_state: dict[str, Any], module: torch.nn.Module,
                     extra_state: dict[str, Any], keep: int) -> Path:
     final = checkpoint_dir(out) / f"step-{step:06d}"
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(module, str(tmp / "model.safetensors"))  # handles tied (shared) tensors
-    torch.save(extra_state | {"rng": rng_states()}, tmp / "state.pt")
-    atomic_write_json(tmp / "trainer_state.json", trainer_state | {"step": step})
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    # Built under a hidden temporary name (list_checkpoints ignores it) and renamed when complete.
+    with atomic_dir(final, overwrite=True) as tmp:
+        save_model(module, str(tmp / "model.safetensors"))  # handles tied (shared) tensors
+        torch.save(extra_state | {"rng": rng_states()}, tmp / "state.pt")
+        atomic_write_json(tmp / "trainer_state.json", trainer_state | {"step": step})
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kdforge.data.chat import IGNORE_INDEX
 from kdforge.distill.losses import SparseSignal, TeacherSignal
 from kdforge.models.forward import capture, target_logits
 from kdforge.softlabels.reader import CacheError, SoftLabelCache
@@ -62,9 +63,8 @@ class CachedTeacher:
 
     def __init__(self, cache: SoftLabelCache):
         self.cache = cache
-        m = cache.manifest
-        self.num_layers = m.get("teacher_layers")
-        self.hidden_size = m.get("teacher_hidden_size")
+        self.num_layers = cache.manifest.teacher_layers
+        self.hidden_size = cache.manifest.teacher_hidden_size
 
     def __call__(self, batch: dict[str, torch.Tensor], req: TeacherRequest) -> TeacherOutput:
         # pack_length is the live teacher's concern: cached targets are stored conversation by conversation.
@@ -72,7 +72,7 @@ class CachedTeacher:
             raise CacheError("attention-map alignment needs a live teacher: the cache holds no attention maps")
         rows = batch["rows"].tolist()
         labels = [self.cache.get(r) for r in rows]
-        counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()  # target positions per row
         for r, lab, n in zip(rows, labels, counts):
             if lab.ids.shape[0] != n:
                 raise CacheError(f"cache example {r} has {lab.ids.shape[0]} target tokens, the data has {n}: the "

@@ -22,7 +22,6 @@ half-written ``.gguf`` behind.
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdforge.artifacts import fsync_dir
+from kdforge.artifacts import atomic_file
 from kdforge.errors import UserError
 from kdforge.export.formats import QUANT_NAMES
 from kdforge.export.gguf_tokenizer import tokenizer_metadata
@@ -269,9 +268,7 @@ def write_gguf(
     tok_meta = tokenizer_metadata(tokenizer, model.config, vocab_rows=vocab_rows, pre=pre)
 
     calibrated = grid_fitted = 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:  # a killed export leaves no half-written .gguf behind
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(name or str(getattr(model.config, "_name_or_path", "") or path.stem) or path.stem)
         writer.add_file_type(_file_type(quant))
@@ -300,13 +297,6 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     fallback = [t.name for t in planned if t.qtype_name == "f16" and quant != "f16" and len(t.shape) > 1
                 and not _matches(t.name, keep_f16)]
     return {

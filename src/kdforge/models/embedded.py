@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from kdforge.artifacts import atomic_write_json, file_sha256, fsync_dir
+from kdforge.artifacts import atomic_dir, atomic_write_json, file_sha256
 from kdforge.errors import UserError
 
 EMBEDDED_PREFIX = "embedded:"
@@ -60,32 +60,34 @@ def dequantized_copy(model):
     plain.generation_config = model.generation_config
     return plain
 
+
 _FORMAT = 1  # bump to invalidate cached conversions when the conversion changes
+
+
+def _converted(folder: Path) -> bool:
+    """A finished conversion: the stamp is written last inside the folder, which is renamed into place whole."""
+    return (folder / "kdforge_source.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 def ensure_embedded_folder(name: str) -> Path:
     gguf = embedded_gguf_path(name)
     final = cache_dir() / "models" / f"{name}-v{_FORMAT}"
-    stamp = final / "kdforge_source.json"
-    if stamp.is_file() and (final / "model.safetensors").is_file():
+    if _converted(final):
         return final
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if final.is_dir() and not _converted(final):
+        # Not one of ours (an older kdforge's partial folder, or edited by hand): convert again.
+        shutil.rmtree(final)
     print(f"[kdforge] converting embedded teacher {gguf.name} to a safetensors folder (once) ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = dequantized_copy(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # The cache is shared: another process may be converting at the same time. Each builds its own
+    # temporary folder; the first to finish renames it into place and a later one drops its copy
+    # (the same conversion), so a folder another process may already be reading is never replaced.
+    with atomic_dir(final, first_wins=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "kdforge_source.json", {"gguf": str(gguf), "sha256": file_sha256(gguf)})
-        if final.exists():  # another process finished first, or a stale partial folder
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"[kdforge] cached at {final}", flush=True)
     return final

@@ -8,16 +8,41 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 
 from kdforge.artifacts import file_sha256
 from kdforge.errors import UserError
 from kdforge.softlabels import MANIFEST
 from kdforge.softlabels.format import FORMAT_VERSION, decode_topk, tokenizer_fingerprint
+from kdforge.softlabels.manifest import Manifest, ShardInfo
 
 
 class CacheError(UserError):
     """The cache is missing, corrupt, or does not match the tokenizer/data it is used with."""
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """``manifest.json`` parsed and validated; a corrupt, foreign or other-version file is a CacheError
+    that names the file and the field."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheError(f"{path}: corrupt manifest ({e}); re-run `kdforge label` with the same --out") from e
+    if not isinstance(raw, dict):
+        raise CacheError(f"{path}: not a soft-label manifest (a JSON object was expected)")
+    # The version first: another version's fields are not this one's, and the fix is to re-label.
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path}: format version {raw.get('format_version')} is not "
+                         f"{FORMAT_VERSION}; re-label with this kdforge version")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
+        more = f" (and {e.error_count() - 5} more)" if e.error_count() > 5 else ""
+        raise CacheError(f"{path}: not a valid soft-label manifest: {problems}{more}; "
+                         "re-run `kdforge label` with the same --out") from None
 
 
 @dataclass
@@ -37,31 +62,25 @@ class SoftLabelCache:
         if not mpath.is_file():
             raise CacheError(f"{self.path} is not a finished soft-label cache ({MANIFEST} missing); "
                              "run or re-run `kdforge label` with the same --out")
-        try:
-            self.manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CacheError(f"{mpath}: corrupt manifest ({e})") from e
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{mpath}: format version {self.manifest.get('format_version')} is not "
-                             f"{FORMAT_VERSION}; re-label with this kdforge version")
-        self.k = self.manifest["k"]
-        self.temperature = self.manifest["temperature"]
-        self.hidden_layers = [int(x) for x in self.manifest.get("hidden_layers", [])]
+        self.manifest: Manifest = read_manifest(mpath)
+        self.k = self.manifest.k
+        self.temperature = self.manifest.temperature
+        self.hidden_layers = list(self.manifest.hidden_layers)
         self._index: list[tuple[int, int]] = []  # example -> (shard number, row in shard)
-        for s, shard in enumerate(self.manifest["shards"]):
+        for s, shard in enumerate(self.manifest.shards):
             self._check_shard(shard, verify)
-            self._index.extend((s, r) for r in range(shard["examples"]))
+            self._index.extend((s, r) for r in range(shard.examples))
         self._handles: dict[int, object] = {}
         self._offsets: dict[int, np.ndarray] = {}
 
-    def _check_shard(self, shard: dict, verify: bool) -> None:
-        f = self.path / shard["file"]
+    def _check_shard(self, shard: ShardInfo, verify: bool) -> None:
+        f = self.path / shard.file
         if not f.is_file():
             raise CacheError(f"shard {f} is missing; re-run `kdforge label` with the same --out to rebuild it")
-        if f.stat().st_size != shard["bytes"]:
+        if f.stat().st_size != shard.bytes:
             raise CacheError(f"shard {f} is truncated or altered: {f.stat().st_size} bytes, the manifest says "
-                             f"{shard['bytes']}; delete it and re-run `kdforge label` to rebuild it")
-        if verify and file_sha256(f) != shard["sha256"]:
+                             f"{shard.bytes}; delete it and re-run `kdforge label` to rebuild it")
+        if verify and file_sha256(f) != shard.sha256:
             raise CacheError(f"shard {f} is corrupted (checksum mismatch); delete it and re-run `kdforge label`")
 
     def __len__(self) -> int:
@@ -69,7 +88,7 @@ class SoftLabelCache:
 
     def check_compatible(self, tokenizer, data_sha256: str | None = None) -> None:
         """Refuse a cache made with another tokenizer, chat template or data file."""
-        mine = self.manifest["tokenizer"]
+        mine = self.manifest.tokenizer.model_dump()
         theirs = tokenizer_fingerprint(tokenizer)
         what = {"vocab_sha256": "vocabulary", "chat_template_sha256": "chat template",
                 "special_tokens_sha256": "special tokens", "vocab_size": "vocabulary size"}
@@ -77,13 +96,17 @@ class SoftLabelCache:
         if diffs:
             raise CacheError(f"soft-label cache {self.path} was made with a different {', '.join(diffs)} than the "
                              "student's tokenizer; re-label with the student's tokenizer or use a matching student")
-        if data_sha256 is not None and self.manifest["data"].get("sha256") != data_sha256:
+        if data_sha256 is not None and self.manifest.data.sha256 != data_sha256:
             raise CacheError(f"soft-label cache {self.path} was made from other data than "
-                             f"{self.manifest['data']['path']} holds now; re-run `kdforge label`")
+                             f"{self.manifest.data.path} holds now; re-run `kdforge label`")
+
+    def rows(self) -> dict[str, int]:
+        """The cache row of each example id (rows are in the order the examples were labelled)."""
+        return {e.id: i for i, e in enumerate(self.manifest.examples)}
 
     def _shard(self, s: int):
         if s not in self._handles:
-            h = safe_open(str(self.path / self.manifest["shards"][s]["file"]), framework="np")
+            h = safe_open(str(self.path / self.manifest.shards[s].file), framework="np")
             self._handles[s] = h
             self._offsets[s] = h.get_tensor("target_offsets")
         return self._handles[s], self._offsets[s]

@@ -10,7 +10,6 @@ normalisation are described in kdforge/distill/trainer.py.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,7 +18,18 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from kdforge.artifacts import CONFIG_NAME, META_NAME, file_sha256, write_config, write_meta
+from kdforge.artifacts import (
+    CONFIG_NAME,
+    META_NAME,
+    append_lines,
+    atomic_files,
+    atomic_write_text,
+    check_resume,
+    file_sha256,
+    read_lines,
+    write_config,
+    write_meta,
+)
 from kdforge.config import ConfigError, StageConfig, dump, read_yaml
 from kdforge.distill.schedules import Schedule, as_schedule
 from kdforge.stages import Stage
@@ -35,7 +45,7 @@ class LoraSettings(StageConfig):
 
 
 class DistillConfig(StageConfig):
-    """`kdforge distill`: train the student on teacher answers with an online teacher."""
+    """`kdforge distill`: train the student on teacher answers, from a live teacher or a soft-label cache."""
 
     teacher: str | None = Field(None, description="the live teacher (not needed with labels)")
     student: str = Field(description="the student to train: an HF folder (e.g. a `kdforge student` artifact)")
@@ -130,9 +140,10 @@ class DistillConfig(StageConfig):
 LOG_NAME = "train_log.jsonl"
 FILES = {"log": LOG_NAME}  # this stage's layout (meta.json "files"); the HF model files sit beside them
 
-# Fields that only change bookkeeping: a resumed run may change them.
-_RESUME_FREE = {"log_every", "eval_every", "val_limit", "save_every", "keep_checkpoints", "tensorboard", "out",
-                "device"}
+# Resuming continues the optimisation from a checkpoint: only settings that change bookkeeping may
+# differ (logging, validation, checkpointing, where it runs); any other, a new field included, must match.
+MAY_CHANGE = frozenset({"log_every", "eval_every", "val_limit", "save_every", "keep_checkpoints", "tensorboard",
+                        "out", "device"})
 
 
 def _prepare_out(cfg: DistillConfig, overwrite: bool, resume: bool) -> Path | None:
@@ -146,12 +157,8 @@ def _prepare_out(cfg: DistillConfig, overwrite: bool, resume: bool) -> Path | No
         ckpts = list_checkpoints(out)
         if not ckpts:
             raise ConfigError(f"--resume: {out} has no checkpoint (set save_every to write them)")
-        prev = read_yaml(out / CONFIG_NAME)
-        now = dump(cfg)
-        diffs = [k for k in now if k not in _RESUME_FREE and prev.get(k) != now[k]]
-        if diffs:
-            raise ConfigError(f"--resume: settings differ from the run in {out}: {', '.join(diffs)}; "
-                              "resume with the same settings or start a new --out")
+        check_resume(out, read_yaml(out / CONFIG_NAME), dump(cfg), MAY_CHANGE, "a training run",
+                     "--resume with the same settings, or start a new --out.", ConfigError)
         (out / META_NAME).unlink(missing_ok=True)
         return ckpts[-1]
     if out.exists() and any(out.iterdir()):
@@ -287,11 +294,10 @@ def _teacher_signal(cfg: DistillConfig, cache, student, tok):
     if cache is not None:
         # Offline distillation: the teacher is never loaded; its labels must match this data and tokenizer.
         cache.check_compatible(tok, file_sha256(data_file(cfg.data)))
-        if cache.manifest["max_length"] != cfg.max_length:
-            raise ConfigError(f"the cache was labelled with max_length {cache.manifest['max_length']}; "
+        if cache.manifest.max_length != cfg.max_length:
+            raise ConfigError(f"the cache was labelled with max_length {cache.manifest.max_length}; "
                               f"set distill.max_length to the same (now {cfg.max_length})")
-        return (CachedTeacher(cache), shared_vocab_size(tok, student),
-                {e["id"]: i for i, e in enumerate(cache.manifest["examples"])})
+        return CachedTeacher(cache), shared_vocab_size(tok, student), cache.rows()
     teacher_model, teacher_tok = load_model(cfg.teacher, cfg.device, trust_remote_code=cfg.trust_remote_code)
     check_same_tokenizer(teacher_tok, tok)
     vocab = shared_vocab_size(tok, teacher_model, student)
@@ -352,8 +358,7 @@ def _loop(t: _Training) -> int:
             row = (row or {"step": step + 1}) | t.distiller.evaluate(t.val_batches)
             t.module.train()
         if row:
-            with open(t.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            append_lines(t.log_path, [json.dumps(row)])
             if writer is not None:
                 for k, v in row.items():
                     if k != "step":
@@ -406,16 +411,10 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
 
 
 def _save_final(out: Path, model, tok) -> None:
-    """Write the HF folder into ``out`` atomically: save to a temp folder, then move each file in."""
-    tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(f, out / f.name)
-    tmp.rmdir()
+    """Write the HF folder into ``out`` (beside checkpoints/ and the log), each file atomically."""
+    with atomic_files(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
 
 
 def _tensorboard(out: Path):
@@ -425,9 +424,12 @@ def _tensorboard(out: Path):
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint we resume from (the killed run's extra steps)."""
+    """Drop log rows written after the checkpoint we resume from (the killed run's extra steps). A rewrite,
+    not an append: atomic, so a kill now cannot lose the rows before the checkpoint."""
+    if not path.is_file():
+        return
     rows = [r for r in _read_log(path) if r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _existing(spec: str) -> str | None:
@@ -435,9 +437,8 @@ def _existing(spec: str) -> str | None:
 
 
 def _read_log(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    """The log's rows; a row torn by a kill mid-append (no newline yet) is not one."""
+    return [json.loads(x) for x in read_lines(path) if x.strip()]
 
 
 STAGES = (Stage("distill", "train the student on teacher answers (online teacher or a label cache)", DistillConfig,

@@ -10,7 +10,6 @@ most the batch in flight.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import zlib
@@ -19,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from kdforge.artifacts import CONFIG_NAME, META_NAME, write_config, write_meta
+from kdforge.artifacts import CONFIG_NAME, META_NAME, append_lines, check_resume, read_lines, write_config, write_meta
 from kdforge.config import ConfigError, Dtype, StageConfig, dump, read_yaml
 from kdforge.data.formats import Conversation, select_split
 from kdforge.data.prompts import BUNDLED, bundled_prompts_path, load_prompt_set
@@ -64,8 +63,11 @@ class GenerateConfig(StageConfig):
 
 DATA_NAME = "data.jsonl"
 FILES = {"data": DATA_NAME}  # this stage's layout (meta.json "files"): what readers look up
-# Settings that change the answers: a resumed run must match them.
-_RESUME_KEYS = ("model", "prompts", "max_new_tokens", "do_sample", "temperature", "top_p", "num_samples", "seed")
+# Resuming appends answers to the earlier run's, so only settings that choose which prompts to answer
+# (split, limits) or schedule the work may differ; any other, a new field included, must match. preset
+# may differ because what it sets (do_sample, temperature, top_p) is compared resolved. dtype may not:
+# bf16 and fp32 give different greedy answers, and one data set would hold both.
+MAY_CHANGE = frozenset({"split", "limit", "val_limit", "out", "batch_size", "device", "preset"})
 
 
 def _record_id(conv: Conversation, sample: int, num_samples: int) -> str:
@@ -74,36 +76,13 @@ def _record_id(conv: Conversation, sample: int, num_samples: int) -> str:
 
 def read_finished(path: Path) -> set[str]:
     """Ids already answered; a torn (unterminated) last line from a killed run is cut off."""
-    if not path.is_file():
-        return set()
-    raw = path.read_bytes()
-    keep = raw.rfind(b"\n") + 1  # everything after the last newline is a partial write
-    if keep != len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
     done = set()
-    for lineno, line in enumerate(raw[:keep].splitlines(), 1):
+    for lineno, line in enumerate(read_lines(path, repair=True), 1):
         try:
             done.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConfigError(f"{path}:{lineno}: corrupt record ({e}); delete the file or use --overwrite") from e
     return done
-
-
-def _check_resumable(out: Path, cfg: GenerateConfig) -> None:
-    prev_path = out / CONFIG_NAME
-    if not prev_path.is_file():
-        return
-    prev = read_yaml(prev_path)
-    now = dump(cfg)
-    diffs = [f"{k}: {prev.get(k)!r} before, {now[k]!r} now" for k in _RESUME_KEYS if prev.get(k) != now[k]]
-    if diffs:
-        raise ConfigError(
-            f"{out} holds a generate run with different settings ({'; '.join(diffs)}); "
-            "choose another --out, or pass --overwrite to start again"
-        )
 
 
 def run(cfg: GenerateConfig, overwrite: bool = False) -> dict[str, Any]:
@@ -115,7 +94,9 @@ def run(cfg: GenerateConfig, overwrite: bool = False) -> dict[str, Any]:
     if not convs:
         raise ConfigError(f"no prompts in split '{cfg.split}' of {cfg.prompts}")
     out.mkdir(parents=True, exist_ok=True)
-    _check_resumable(out, cfg)
+    if (out / CONFIG_NAME).is_file():
+        check_resume(out, read_yaml(out / CONFIG_NAME), dump(cfg), MAY_CHANGE, "a generate run",
+                     "Choose another --out, or pass --overwrite to start again.", ConfigError)
     write_config(out, dump(cfg))
     data_path = out / DATA_NAME
     done = read_finished(data_path)
@@ -172,41 +153,38 @@ def generate_into(model, tok, todo: list[tuple[Conversation, int]], cfg: Generat
         eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
     )
     bar = tqdm(total=len(encoded), desc="generate", unit="answer", dynamic_ncols=True)
-    with open(data_path, "ab") as f:
-        for start in range(0, len(encoded), cfg.batch_size):
-            batch = encoded[start:start + cfg.batch_size]
-            input_ids, attn = left_pad([ids for _, _, ids in batch], tok.pad_token_id)  # (B, W)
-            width = input_ids.shape[1]
-            if cfg.do_sample:
-                first = _record_id(batch[0][0], batch[0][1], cfg.num_samples)
-                torch.manual_seed(cfg.seed * 1_000_003 + zlib.crc32(first.encode()))
-            t = time.time()
-            with torch.inference_mode():
-                out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
-                                         generation_config=gen_cfg)  # (B, width + new)
-            stats["seconds"] += time.time() - t
-            lines = []
-            for i, (conv, k, ids) in enumerate(batch):
-                new = out[i, width:].tolist()
-                stop_at = next((j for j, x in enumerate(new) if x in stop_ids), None)
-                finish = "stop" if stop_at is not None else "length"
-                answer_ids = new[:stop_at] if stop_at is not None else new
-                n_tokens = len(answer_ids) + (1 if stop_at is not None else 0)
-                stats["generated_tokens"] += n_tokens
-                stats[finish] += 1
-                answer = tok.decode(answer_ids, skip_special_tokens=True).strip()
-                rec = {
-                    "id": _record_id(conv, k, cfg.num_samples), "prompt_id": conv.id, "sample": k,
-                    "split": conv.split or "train", "category": conv.category,
-                    "messages": conv.prompt_messages + [{"role": "assistant", "content": answer}],
-                    "prompt_tokens": len(ids), "completion_tokens": n_tokens, "finish_reason": finish,
-                }
-                lines.append(json.dumps(rec, ensure_ascii=False))
-            f.write(("\n".join(lines) + "\n").encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{stats['generated_tokens'] / max(stats['seconds'], 1e-9):.1f}")
+    for start in range(0, len(encoded), cfg.batch_size):
+        batch = encoded[start:start + cfg.batch_size]
+        input_ids, attn = left_pad([ids for _, _, ids in batch], tok.pad_token_id)  # (B, W)
+        width = input_ids.shape[1]
+        if cfg.do_sample:
+            first = _record_id(batch[0][0], batch[0][1], cfg.num_samples)
+            torch.manual_seed(cfg.seed * 1_000_003 + zlib.crc32(first.encode()))
+        t = time.time()
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
+                                 generation_config=gen_cfg)  # (B, width + new)
+        stats["seconds"] += time.time() - t
+        lines = []
+        for i, (conv, k, ids) in enumerate(batch):
+            new = out[i, width:].tolist()
+            stop_at = next((j for j, x in enumerate(new) if x in stop_ids), None)
+            finish = "stop" if stop_at is not None else "length"
+            answer_ids = new[:stop_at] if stop_at is not None else new
+            n_tokens = len(answer_ids) + (1 if stop_at is not None else 0)
+            stats["generated_tokens"] += n_tokens
+            stats[finish] += 1
+            answer = tok.decode(answer_ids, skip_special_tokens=True).strip()
+            rec = {
+                "id": _record_id(conv, k, cfg.num_samples), "prompt_id": conv.id, "sample": k,
+                "split": conv.split or "train", "category": conv.category,
+                "messages": conv.prompt_messages + [{"role": "assistant", "content": answer}],
+                "prompt_tokens": len(ids), "completion_tokens": n_tokens, "finish_reason": finish,
+            }
+            lines.append(json.dumps(rec, ensure_ascii=False))
+        append_lines(data_path, lines)  # one fsynced write per batch: a kill loses at most this batch
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{stats['generated_tokens'] / max(stats['seconds'], 1e-9):.1f}")
     bar.close()
 
 

@@ -4,14 +4,15 @@ For every conversation of the data (a `generate` folder or any supported JSONL),
 position (whose next token is the assistant's) gets the teacher's top-k token ids and
 log-probabilities plus the log of the mass outside the top-k (format: softlabels/format.py,
 docs/soft-label-cache.md); optionally the hidden states of chosen teacher layers for every real
-token (fp16). Shards of ``shard_size`` examples are written atomically and skipped on a re-run,
-so an interrupted run loses at most the shard in flight; ``manifest.json`` is written last.
+token (fp16). Reads top to bottom: config and resume check, the teacher, then per shard of
+``shard_size`` examples either reuse (a re-run keeps finished shards, so an interrupted run loses at
+most the shard in flight) or teacher forward + ``writer.write_shard``; ``writer.finish`` writes
+``manifest.json`` last (softlabels/writer.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -19,10 +20,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from kdforge.artifacts import atomic_write_json, file_sha256, fsync_dir, write_config, write_meta
+from kdforge.artifacts import CONFIG_NAME, check_resume, file_sha256, write_config, write_meta
 from kdforge.config import ConfigError, Dtype, StageConfig, dump, read_yaml
 from kdforge.data.formats import data_file, load_training_data, select_split
-from kdforge.softlabels import MANIFEST, shard_name
+from kdforge.softlabels import MANIFEST
 from kdforge.stages import Stage
 
 
@@ -45,7 +46,11 @@ class LabelConfig(StageConfig):
     trust_remote_code: bool = False
 
 
-_SAME = ("teacher", "data", "split", "limit", "top_k", "temperature", "max_length", "hidden_layers", "shard_size")
+# Resuming keeps finished shards, so every setting that changes what a shard holds must match the
+# earlier run's: these are the only ones that may differ (how the work is scheduled, not its result).
+# dtype is not among them: resuming in another precision would mix bf16 and fp32 labels in one cache.
+MAY_CHANGE = frozenset({"out", "batch_size", "device"})
+FILES = {"manifest": MANIFEST}  # this stage's layout (meta.json "files"); the manifest lists the shards
 
 
 def _weights_sha256(spec: str) -> str:
@@ -57,13 +62,14 @@ def _weights_sha256(spec: str) -> str:
 
 
 def run(cfg: LabelConfig, overwrite: bool = False) -> dict[str, Any]:
-    from safetensors.numpy import save_file
     from tqdm import tqdm
 
     from kdforge.data.batching import shared_vocab_size
     from kdforge.data.chat import encode_conversation
     from kdforge.models.loading import load_model
-    from kdforge.softlabels.format import FORMAT_VERSION, bytes_per_target, id_dtype, tokenizer_fingerprint
+    from kdforge.softlabels.format import tokenizer_fingerprint
+    from kdforge.softlabels.manifest import DataInfo, ExampleInfo, TeacherInfo
+    from kdforge.softlabels.writer import CacheWriter
 
     t0 = time.time()
     out = Path(cfg.out)
@@ -73,18 +79,11 @@ def run(cfg: LabelConfig, overwrite: bool = False) -> dict[str, Any]:
         raise ConfigError(f"{cfg.data}: no conversations with assistant answers in split '{cfg.split}'")
     if overwrite and out.exists():
         shutil.rmtree(out)
-    if (out / "config.yaml").is_file():
-        prev = read_yaml(out / "config.yaml")
-        diffs = [k for k in _SAME if prev.get(k) != dump(cfg)[k]]
-        if diffs:
-            raise ConfigError(f"{out} holds labels made with other settings ({', '.join(diffs)}); "
-                              "use another --out or --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / CONFIG_NAME).is_file():
+        check_resume(out, read_yaml(out / CONFIG_NAME), dump(cfg), MAY_CHANGE, "labels",
+                     "Use another --out, or --overwrite to label again.", ConfigError)
     # Shards finished by an earlier run (named in its manifest or in a shard's sidecar) are reused.
-    known: dict[str, dict] = {}
-    if (out / MANIFEST).is_file():
-        known = {sh["file"]: sh for sh in json.loads((out / MANIFEST).read_text()).get("shards", [])}
-    (out / MANIFEST).unlink(missing_ok=True)
+    writer = CacheWriter(out)
     write_config(out, dump(cfg))
 
     teacher, tok = load_model(cfg.teacher, cfg.device, cfg.dtype, cfg.trust_remote_code)
@@ -95,64 +94,35 @@ def run(cfg: LabelConfig, overwrite: bool = False) -> dict[str, Any]:
         raise ConfigError(f"hidden_layers {bad} out of range: the teacher has {n} layers (0..{n - 1})")
     encoded = [encode_conversation(tok, c.messages, cfg.max_length) for c in convs]
     n_shards = (len(encoded) + cfg.shard_size - 1) // cfg.shard_size
-    shards, stats = [], {"targets": 0, "seconds": 0.0, "reused": 0}
+    stats = {"targets": 0, "seconds": 0.0, "reused": 0}
     bar = tqdm(total=len(encoded), desc="label", unit="conv", dynamic_ncols=True)
     for s in range(n_shards):
         lo, hi = s * cfg.shard_size, min(len(encoded), (s + 1) * cfg.shard_size)
-        name = shard_name(s)
-        meta_path = out / f".{name}.json"
-        info = json.loads(meta_path.read_text()) if meta_path.is_file() else known.get(name)
-        if info and (out / name).is_file() and info["examples"] == hi - lo:
-            if info["bytes"] == (out / name).stat().st_size and info["sha256"] == file_sha256(out / name):
-                shards.append(info)
-                stats["reused"] += hi - lo
-                bar.update(hi - lo)
-                continue
+        if writer.reuse(s, hi - lo) is not None:
+            stats["reused"] += hi - lo
+            bar.update(hi - lo)
+            continue
         t = time.time()
         arrays = label_examples(teacher, tok, encoded[lo:hi], cfg, vocab, bar)
         stats["seconds"] += time.time() - t
-        tmp = out / f".{name}.tmp"
-        save_file(arrays, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out / name)
-        fsync_dir(out)
-        info = {"file": name, "examples": hi - lo, "targets": int(arrays["target_offsets"][-1]),
-                "bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)}
-        atomic_write_json(meta_path, info)
-        shards.append(info)
-        stats["targets"] += info["targets"]
+        stats["targets"] += writer.write_shard(s, arrays).targets
     bar.close()
 
-    targets = sum(sh["targets"] for sh in shards)
-    label_bytes = sum(sh["bytes"] for sh in shards) if not cfg.hidden_layers else None
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "teacher": {"spec": cfg.teacher, "weights_sha256": _weights_sha256(cfg.teacher)},
-        "tokenizer": tokenizer_fingerprint(tok),
-        "data": {"path": str(data_file(cfg.data).resolve()), "sha256": file_sha256(data_file(cfg.data)),
-                 "split": cfg.split, "limit": cfg.limit},
-        "examples": [{"id": c.id, "split": c.split or "train"} for c in convs],
-        "k": cfg.top_k, "temperature": cfg.temperature, "max_length": cfg.max_length,
-        "vocab_size": vocab, "hidden_layers": cfg.hidden_layers,
-        "teacher_layers": teacher.config.num_hidden_layers, "teacher_hidden_size": teacher.config.hidden_size,
-        "dtypes": {"topk_ids": str(id_dtype(vocab)),
-                   "top1_logprob": "float16", "topk_codes": "uint8 (sqrt code)", "tail_logmass": "float16",
-                   "hidden": "float16"},
-        "counts": {"examples": len(encoded), "targets": targets,
-                   "tokens": sum(len(e.input_ids) for e in encoded)},
-        "bytes_per_target_token": {"format": bytes_per_target(cfg.top_k, vocab),
-                                   "on_disk": round(label_bytes / targets, 2) if label_bytes else None},
-        "shards": shards,
-    }
-    atomic_write_json(out / MANIFEST, manifest)
-    for sh in shards:
-        (out / f".{sh['file']}.json").unlink(missing_ok=True)
-    metrics = {"examples": len(encoded), "targets": targets, "shards": len(shards), "reused_examples": stats["reused"],
+    data = data_file(cfg.data)
+    manifest = writer.finish(
+        teacher=TeacherInfo(spec=cfg.teacher, weights_sha256=_weights_sha256(cfg.teacher)),
+        tokenizer=tokenizer_fingerprint(tok),
+        data=DataInfo(path=str(data.resolve()), sha256=file_sha256(data), split=cfg.split, limit=cfg.limit),
+        examples=[ExampleInfo(id=c.id, split=c.split or "train") for c in convs],
+        k=cfg.top_k, temperature=cfg.temperature, max_length=cfg.max_length, vocab_size=vocab,
+        hidden_layers=cfg.hidden_layers, teacher_layers=teacher.config.num_hidden_layers,
+        teacher_hidden_size=teacher.config.hidden_size, tokens=sum(len(e.input_ids) for e in encoded))
+    metrics = {"examples": len(encoded), "targets": manifest.counts.targets, "shards": len(manifest.shards),
+               "reused_examples": stats["reused"],
                "label_tokens_per_s": round(stats["targets"] / stats["seconds"], 1) if stats["seconds"] else None,
-               "bytes_per_target_token": manifest["bytes_per_target_token"]["on_disk"]}
+               "bytes_per_target_token": manifest.bytes_per_target_token.on_disk}
     write_meta(out, "label", {"teacher": cfg.teacher if Path(cfg.teacher).exists() else None, "data": cfg.data},
-               metrics, time.time() - t0)
+               metrics, time.time() - t0, files=FILES)
     return metrics
 
 
@@ -169,6 +139,7 @@ def _label_examples(teacher, tok, examples, cfg: LabelConfig, vocab: int, bar) -
     import torch.nn.functional as F
 
     from kdforge.data.batching import collate
+    from kdforge.data.chat import IGNORE_INDEX
     from kdforge.models.forward import DEFAULT_PACK_LENGTH, capture, target_logits
     from kdforge.softlabels.format import encode_topk
 
@@ -187,7 +158,7 @@ def _label_examples(teacher, tok, examples, cfg: LabelConfig, vocab: int, bar) -
             logits, _ = target_logits(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"], vocab,
                                       pack)
         logp = F.log_softmax(logits.float() / cfg.temperature, dim=-1).cpu()  # (N, V)
-        counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()  # targets per row
         enc = encode_topk(logp, cfg.top_k, vocab)
         start = 0
         for row, i in enumerate(idx):
