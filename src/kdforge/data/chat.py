@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100  # label value for positions that are not trained on
+# The end-of-turn tokens of the common chat templates (ChatML, Llama 3, Phi-3, Gemma): the one list both
+# the assistant mask (here) and generation's stop tokens (models.loading.end_of_turn_ids) use.
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 @dataclass
@@ -64,7 +67,7 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
 
 
 def _end_markers(tokenizer) -> list[str]:
-    markers = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"]
+    markers = list(END_OF_TURN_MARKERS)
     if tokenizer.eos_token:
         markers.append(tokenizer.eos_token)
     return markers

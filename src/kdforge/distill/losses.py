@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# The student's mass outside the teacher's top-k is floored where the cache floors the teacher's.
+from kdforge.softlabels.format import LOG_TAIL_FLOOR
+
 Tensor = torch.Tensor
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv")
@@ -54,7 +57,6 @@ class SparseSignal:
 
 
 TeacherSignal = Tensor | SparseSignal
-TAIL_FLOOR = -30.0  # the soft-label cache floors log tail masses here too
 
 
 def hard_ce(student_logits: Tensor, labels: Tensor) -> Tensor:
@@ -200,7 +202,7 @@ def sparse_student_logp(student_logits: Tensor, ids: Tensor, temperature: float)
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
     top = s.gather(-1, ids)  # (N, k)
     # (N,) log of the mass outside the top-k, floored like the cache's tail (an empty tail is ~1e-13, not 0)
-    rest = s.scatter(-1, ids, float("-inf")).logsumexp(-1).clamp(min=TAIL_FLOOR)
+    rest = s.scatter(-1, ids, float("-inf")).logsumexp(-1).clamp(min=LOG_TAIL_FLOOR)
     return torch.cat([top, rest[:, None]], dim=-1)
 
 
@@ -208,7 +210,7 @@ class _SparseForwardKL(torch.autograd.Function):
     """KL over k+1 bins (teacher's top-k, then the rest) with a hand-written backward.
 
     The bins' student log-probs are log q_j at the top-k ids and log q_rest = log Σ_{j∉top-k} q_j,
-    floored at TAIL_FLOOR like the cache's tail. With c = Σ p_top + p_rest·[rest not floored], the
+    floored at LOG_TAIL_FLOOR like the cache's tail. With c = Σ p_top + p_rest·[rest not floored], the
     gradient with respect to the student's logits z is
         top-k token j:   (c·q_j − p_j) / T
         other token j:   q_j · (c − [not floored]·p_rest / q_rest) / T
@@ -226,8 +228,8 @@ class _SparseForwardKL(torch.autograd.Function):
         q.exp_().scatter_(-1, ids, 0.0)                                         # (N, V) q outside the top-k
         q_rest = q.sum(-1)                                                      # (N,) exact, no 1 − Σ cancellation
         log_rest = q_rest.log()
-        free = log_rest > TAIL_FLOOR                                            # (N,) rest bin not floored
-        s_bins = torch.cat([top, log_rest.clamp(min=TAIL_FLOOR)[:, None]], dim=-1)  # (N, k+1)
+        free = log_rest > LOG_TAIL_FLOOR                                        # (N,) rest bin not floored
+        s_bins = torch.cat([top, log_rest.clamp(min=LOG_TAIL_FLOOR)[:, None]], dim=-1)  # (N, k+1)
         ctx.save_for_backward(q, ids, top, t_bins, q_rest, free)
         ctx.temperature, ctx.dtype = temperature, s_logits.dtype
         return _kl_logp(t_bins, s_bins)  # only k+1 columns: the plain definition is cheap here
@@ -277,11 +279,6 @@ def sparse_divergence(
         else:
             out.append(fn(sparse_student_logp(student_logits[i:i + step], ids[i:i + step], temperature), t_bins))
     return torch.cat(out) if out else student_logits.new_zeros(0, dtype=torch.float32)
-
-
-def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """KL(teacher ‖ student) at temperature T, per position. (N, V), (N, V) -> (N,)"""
-    return divergence(student_logits, teacher_logits, "forward_kl", temperature)
 
 
 def soft_divergence(student_logits: Tensor, teacher: TeacherSignal, kind: str, temperature: float,

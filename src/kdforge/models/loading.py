@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from kdforge.data.chat import END_OF_TURN_MARKERS
 from kdforge.models.embedded import (  # noqa: F401  (EMBEDDED_MODELS, cache_dir, embedded_gguf_path: re-exported)
     EMBEDDED_MODELS,
     EMBEDDED_PREFIX,
@@ -118,7 +119,7 @@ def end_of_turn_ids(tokenizer, model=None) -> list[int]:
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+    for marker in END_OF_TURN_MARKERS:
         tid = tokenizer.convert_tokens_to_ids(marker)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
             ids.add(tid)
