@@ -8,9 +8,9 @@ decode tokens/s with the thread count, NLL / KL(fp32 ‖ variant) / top-1 agreem
 fp32 model's own greedy answers to 16 validation prompts (the round trip's "answers" set; top-1 on the
 prompt text itself is `top1_prompt_text`), and ratios to fp32.
 
-PyTorch variants are timed with kdforge.eval.metrics.decode_speed (transformers `generate`),
-llama.cpp ones with kdforge.export.llamacpp.LlamaCppModel.decode_speed (same protocol: warm-up,
-time to first token, then decode tokens/s after it, best of 2).
+Every variant is timed by its runtime's decode_speed (kdforge.runtime: transformers `generate` for the
+PyTorch ones, llama.cpp for the GGUF files; one protocol: warm-up, time to first token, then decode
+tokens/s after it, best of 2).
 Usage: python benchmarks/quant_speed.py [--model embedded:smollm2-135m-instruct] [--new-tokens 64]
        [--prompts 16] [--threads N] [--methods int8 int4] [--gguf f16 q8_0 q4_0] [--calibration auto|none|DATA]
 """
@@ -26,15 +26,14 @@ import torch
 
 from kdforge.data.chat import encode_prompt
 from kdforge.data.prompts import SPEED_PROMPT
-from kdforge.eval.metrics import decode_speed
 from kdforge.export.calibration import calibrated_names, export_hessians
 from kdforge.export.gguf_writer import write_gguf
 from kdforge.export.gptq import CALIBRATED_TYPES
-from kdforge.export.llamacpp import LlamaCppModel, llama_cpp_available
 from kdforge.export.roundtrip import logits_agreement, source_logits, torch_logits, validation_sets
 from kdforge.export.torch_quant import folder_bytes, load_quantized, reload_quantized, save_quantized
 from kdforge.models.loading import load_model, resolve_model
 from kdforge.quiet import quiet_torchao
+from kdforge.runtime import LLAMA_CPP, as_runtime, llama_cpp_available, open_model
 
 
 def main() -> None:
@@ -76,7 +75,7 @@ def main() -> None:
                 "speed_ratio": round(speed["decode_tokens_per_s"] / base["tps"], 3), "model": args.model, **extra}
         print(json.dumps(row), flush=True)
 
-    emit("fp32", "pytorch", fp32_bytes, decode_speed(model, tok, prompt, args.new_tokens), ref)
+    emit("fp32", "pytorch", fp32_bytes, as_runtime(model, tok).decode_speed(prompt, args.new_tokens), ref)
 
     with tempfile.TemporaryDirectory(prefix="kdforge-quant-bench-") as root:
         for method in args.methods:
@@ -85,7 +84,7 @@ def main() -> None:
             del qmodel
             qmodel = reload_quantized(Path(root) / method, device="cpu")  # measure what was saved
             emit(f"torchao-{method}", "pytorch", folder_bytes(Path(root) / method),
-                 decode_speed(qmodel, tok, prompt, args.new_tokens),
+                 as_runtime(qmodel, tok).decode_speed(prompt, args.new_tokens),
                  {k: torch_logits(qmodel, v) for k, v in sets.items()})
             del qmodel
 
@@ -99,16 +98,14 @@ def main() -> None:
             path = Path(root) / f"{variant}.gguf"
             write_gguf(model, tok, path, quant, hessians=hessians)
             if not llama_cpp_available():
-                print(json.dumps({"variant": variant, "runtime": "llama.cpp", "bytes": path.stat().st_size,
+                print(json.dumps({"variant": variant, "runtime": LLAMA_CPP, "bytes": path.stat().st_size,
                                   "skipped": "llama-cpp-python is not installed (pip install 'kdforge[llamacpp]')"}))
                 continue
-            lm = LlamaCppModel(path, n_threads=args.threads, logits_all=True)
-            logits = {k: [torch.from_numpy(lm.logits(e.input_ids)) for e in v] for k, v in sets.items()}
-            lm.close()
-            lm = LlamaCppModel(path, n_threads=args.threads)  # logits_all off: decode computes one row
-            speed = lm.decode_speed(prompt, args.new_tokens)
-            lm.close()
-            emit(variant, "llama.cpp", path.stat().st_size, speed, logits)
+            with open_model(str(path), backend=LLAMA_CPP, threads=args.threads) as lm:
+                logits = {k: [lm.sequence_logits(e.input_ids) for e in v] for k, v in sets.items()}
+                lm.release_scoring()  # decode_speed times its own context, computing one logit row a step
+                speed = lm.decode_speed(prompt, args.new_tokens)
+            emit(variant, lm.backend, path.stat().st_size, speed, logits)
 
 
 if __name__ == "__main__":

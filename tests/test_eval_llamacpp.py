@@ -13,23 +13,28 @@ import torch
 from kdforge.config import ConfigError
 from kdforge.data.chat import encode_conversation
 from kdforge.eval.generation import Sampling, generate_texts
-from kdforge.eval.llamacpp_model import LlamaCppLM, backend_for
+from kdforge.runtime import backend_for
+from kdforge.runtime.llamacpp import LlamaCppRuntime
 from kdforge.scoring import agreement
 
 from .conftest import make_tiny
 
 
 class _HFAsLlamaCpp:
-    """What `kdforge.export.llamacpp.LlamaCppModel` and its ``llm`` offer, computed by an HF model."""
+    """What llama-cpp-python's ``Llama`` offers the runtime (reset, eval, scores, n_ctx, n_vocab),
+    computed by an HF model on the whole sequence held."""
 
-    def __init__(self, model) -> None:
-        self.model = model
-        self.llm = self
+    def __init__(self, model, n_ctx: int = 512) -> None:
+        self.model, self._n_ctx = model, n_ctx
         self.ids: list[int] = []
 
-    @torch.no_grad()
-    def logits(self, ids: list[int]) -> np.ndarray:  # (T, V)
-        return self.model(torch.tensor([ids])).logits[0].numpy()
+    @property
+    def scores(self) -> np.ndarray:  # (T, V) at every position held
+        with torch.no_grad():
+            return self.model(torch.tensor([self.ids])).logits[0].numpy()
+
+    def n_ctx(self) -> int:
+        return self._n_ctx
 
     def n_vocab(self) -> int:
         return self.model.config.vocab_size
@@ -44,23 +49,18 @@ class _HFAsLlamaCpp:
         pass
 
 
-class _FakeLM(LlamaCppLM):
-    """The adapter with llama.cpp replaced by an HF model: every line of kdforge's own code runs."""
+class _FakeLM(LlamaCppRuntime):
+    """The llama.cpp runtime with llama.cpp replaced by an HF model: every line of kdforge's own code runs."""
 
     def __init__(self, model) -> None:
-        self.threads, self.score_context, self.path = None, 256, None
-        self._scorer = self._generator = _HFAsLlamaCpp(model)
-        self.vocab_rows = model.config.vocab_size
+        super().__init__("fake.gguf", threads=1)
+        self._llm = _HFAsLlamaCpp(model)
 
-    def _model(self, logits_all: bool):
-        return self._scorer
+    def _open(self, n_ctx: int, logits_all: bool = False, vocab_only: bool = False):
+        return self._llm
 
-    @staticmethod
-    def _last_logits(llm) -> np.ndarray:
-        return llm.logits(llm.ids)[-1]
-
-    def release_scorer(self) -> None:
-        pass
+    def _read_last(self, llm) -> np.ndarray:
+        return llm.scores[-1]
 
 
 def _conversations(tokenizer, n: int = 5):

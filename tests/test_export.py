@@ -315,17 +315,17 @@ def test_llama_cpp_runs_the_file(tiny_model_dir, tmp_path):
     pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdforge.export.llamacpp import LlamaCppModel
+    from kdforge.runtime import LLAMA_CPP, open_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     write_gguf(model, tok, tmp_path / "m.gguf", "f16")
-    lm = LlamaCppModel(tmp_path / "m.gguf", n_ctx=512, logits_all=True)
+    lm = open_model(str(tmp_path / "m.gguf"), backend=LLAMA_CPP)
     texts = tokenizer_texts(tok)
     assert compare_ids([tok(t)["input_ids"] for t in texts], [lm.tokenize(t) for t in texts])["match"]
     ids = tok(MIXED_TEXT)["input_ids"][:64]
     ref = _logits(model, torch.tensor([ids]))[0]
-    out = torch.from_numpy(lm.logits(ids))
+    out = lm.sequence_logits(ids)
     assert (out - ref).abs().max() < 5e-3 and torch.equal(out.argmax(-1), ref.argmax(-1))
     speed = lm.decode_speed(ids[:16], 8, repeats=1)
     assert speed["decode_tokens_per_s"] > 0 and speed["threads"] >= 1

@@ -21,12 +21,12 @@ import torch
 from hypothesis import HealthCheck, Phase, settings
 
 from kdforge.data.chat import encode_prompt
+from kdforge.runtime.sampling import SamplingParams, make_generator, sample_token
 from kdforge.serve.api import create_app
 from kdforge.serve.detokenize import REPLACEMENT, IncrementalDetokenizer, StopStringFilter
 from kdforge.serve.engine import ContextLengthExceeded
 from kdforge.serve.hf import TransformersEngine
 from kdforge.serve.launch import load_engine, run_server
-from kdforge.serve.sampling import SamplingParams, make_generator, sample_token
 
 MODEL = "tiny"
 CHAT = [

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from kdforge.data.batching import collate
 from kdforge.data.chat import EncodedConversation
 from kdforge.distill.losses import divergence, hard_ce
-from kdforge.models.forward import DEFAULT_PACK_LENGTH, target_logits, target_positions
+from kdforge.models.forward import target_positions
+from kdforge.runtime import as_runtime
 
 METRICS = ("nll", "kl", "top1")
 
@@ -28,37 +29,36 @@ def agreement_by_category(teacher, models: list, data: list[EncodedConversation]
     """Per model: overall and per-category means per answer token; per category: conversations,
     answer tokens and the teacher's mean entropy (nats).
 
+    ``teacher`` and ``models``: runtimes (`kdforge.runtime.CausalLM`, any backend) or loaded
+    transformers modules; an entry that is the teacher itself reuses the teacher's logits.
     Returns ``{"models": [{"nll", "kl", "top1", "tokens", "by_category": {cat: {...}}}],
     "categories": {cat: {"conversations", "tokens", "teacher_entropy"}}}``.
     """
     names = sorted(set(categories))
     cat_ids = torch.tensor([names.index(c) for c in categories])  # (E,) category of each conversation
     n_cat = len(names)
-    device = next(teacher.parameters()).device
+    t_rt = as_runtime(teacher)
+    runtimes = [t_rt if m is teacher else as_runtime(m) for m in models]
     sums = [{k: torch.zeros(n_cat, dtype=torch.float64) for k in METRICS} for _ in models]
     tokens = torch.zeros(n_cat, dtype=torch.float64)
     entropy = torch.zeros(n_cat, dtype=torch.float64)
     for i in range(0, len(data), batch_size):
-        b = {k: v.to(device) for k, v in collate(data[i:i + batch_size], pad_id).items()}
-        t_logits, targets = target_logits(teacher, b["input_ids"], b["attention_mask"], b["labels"], vocab,
-                                           DEFAULT_PACK_LENGTH)  # (N, V)
+        b = collate(data[i:i + batch_size], pad_id)  # (B, T) each, on CPU: every runtime moves them itself
+        t_logits = t_rt.target_logits(b["input_ids"], b["attention_mask"], b["labels"], vocab)  # (N, V)
+        mask = target_positions(b["labels"])  # (B, T-1)
+        targets = b["labels"][:, 1:][mask].to(t_logits.device)  # (N,)
         # Boolean-mask indexing is row-major, so the n-th target row belongs to the n-th True of
         # the (B, T-1) mask: its row index is the conversation within the batch.
-        row_conv = target_positions(b["labels"]).nonzero()[:, 0].cpu() + i  # (N,)
+        row_conv = mask.nonzero()[:, 0] + i  # (N,)
         row_cat = cat_ids[row_conv]  # (N,)
         tokens.index_add_(0, row_cat, torch.ones(len(row_cat), dtype=torch.float64))
         t_logp = F.log_softmax(t_logits.float(), dim=-1)  # (N, V)
         ent = -(t_logp.exp() * t_logp).sum(-1)  # (N,)
         entropy.index_add_(0, row_cat, ent.double().cpu())
         t_top = t_logits.argmax(-1)  # (N,)
-        for s, m in zip(sums, models):
-            if m is teacher:
-                logits = t_logits
-            elif getattr(m, "backend", None) == "llama.cpp":  # kdforge.eval.llamacpp_model.LlamaCppLM
-                logits = m.target_logits(b["input_ids"], b["attention_mask"], b["labels"], vocab).to(t_logits.device)
-            else:
-                logits = target_logits(m, b["input_ids"], b["attention_mask"], b["labels"], vocab,
-                                       DEFAULT_PACK_LENGTH)[0]
+        for s, m in zip(sums, runtimes):
+            logits = t_logits if m is t_rt else m.target_logits(b["input_ids"], b["attention_mask"], b["labels"],
+                                                                vocab).to(t_logits.device)
             per_row = {"nll": hard_ce(logits, targets),
                        "kl": divergence(logits, t_logits, "forward_kl", chunk_size=1024),
                        "top1": (logits.argmax(-1) == t_top).float()}  # each (N,)

@@ -1,4 +1,4 @@
-"""Batched answers from any model for the task set and the stability probe.
+"""Batched answers from any runtime for the task set and the stability probe.
 
 Prompts are rendered with the tokenizer's chat template (as `generate` does), left-padded, and
 batched in the order lm-evaluation-harness uses (longest first, ties by the rendered text), so the
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from kdforge.data.batching import left_pad
 from kdforge.data.chat import render
-from kdforge.models.loading import end_of_turn_ids
+from kdforge.runtime import as_runtime
+from kdforge.runtime.sampling import SamplingParams, make_generator
 
 
 @dataclass(frozen=True)
@@ -36,61 +34,32 @@ def batch_order(tokenizer, texts: list[str]) -> list[int]:
     return sorted(range(len(texts)), key=lambda i: (-lengths[i], texts[i]))
 
 
-@torch.inference_mode()
+def sequence_seed(seed: int, prompt: int, sample: int) -> int:
+    """The seed of answer ``sample`` to prompt number ``prompt`` (in the caller's order): every sampled
+    sequence has its own generator, so its tokens depend on neither the batch it ran in nor the backend."""
+    return (seed * 1_000_003 + prompt) * 10_007 + sample
+
+
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
                    sampling: Sampling | None = None, num_samples: int = 1) -> list[list[str]]:
-    """Answers per prompt: ``num_samples`` decoded strings each (cut at the end-of-turn token)."""
-    from transformers import GenerationConfig
+    """Answers per prompt: ``num_samples`` decoded strings each (cut at the end-of-turn token).
 
+    ``model``: a runtime (`kdforge.runtime.CausalLM`) or a loaded transformers module. Greedy, or
+    sampled by the one sampler of every backend (`kdforge.runtime.sampling.sample_token`) with one
+    generator per (prompt, sample) seeded by `sequence_seed`.
+    """
+    lm = as_runtime(model, tokenizer)
     sampling = sampling or Sampling()
-    if getattr(model, "backend", None) == "llama.cpp":
-        return _generate_llama_cpp(model, tokenizer, prompts, max_new_tokens, sampling, num_samples)
-    device = next(model.parameters()).device
-    stop_ids = end_of_turn_ids(tokenizer, model)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=sampling.temperature or 0.0, top_p=sampling.top_p)
     texts = render_prompts(tokenizer, prompts)
-    order = batch_order(tokenizer, texts)
-    do_sample = sampling.temperature is not None
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=sampling.temperature if do_sample else None,
-        top_p=sampling.top_p if do_sample else None, top_k=0 if do_sample else None,
-        num_return_sequences=num_samples, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-    )
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    # Each prompt's samples side by side (as num_return_sequences would lay them out); with several
+    # samples keep the number of rows per forward pass near batch_size.
+    rows = [(i, j) for i in batch_order(tokenizer, texts) for j in range(num_samples)]
+    generators = None if params.greedy else [make_generator(sequence_seed(sampling.seed, i, j)) for i, j in rows]
+    answers = lm.generate([ids[i] for i, _ in rows], params, lm.stop_ids(tokenizer), generators,
+                          batch_size=max(1, batch_size // num_samples) * num_samples, vocab=len(tokenizer))
     out: list[list[str]] = [[] for _ in prompts]
-    # With several samples a prompt is repeated num_samples times inside generate: keep the
-    # number of rows per forward pass near batch_size.
-    step = max(1, batch_size // num_samples)
-    for b, start in enumerate(range(0, len(order), step)):
-        idx = order[start:start + step]
-        ids = [tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in idx]
-        input_ids, attn = left_pad(ids, tokenizer.pad_token_id)  # (B, T)
-        width = input_ids.shape[1]
-        if do_sample:
-            # One seed per batch: the answers do not depend on what ran before (other models, tasks).
-            torch.manual_seed(sampling.seed * 1_000_003 + b)
-        gen = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
-                             generation_config=gen_cfg)  # (B * num_samples, T + new)
-        for r, row in enumerate(gen[:, width:].tolist()):
-            cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
-            out[idx[r // num_samples]].append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return out
-
-
-def _generate_llama_cpp(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling: Sampling,
-                        num_samples: int) -> list[list[str]]:
-    """`generate_texts` for a `kdforge.eval.llamacpp_model.LlamaCppLM`: one prompt at a time, the same
-    rendering, stop tokens and decoding; samples drawn from one seeded generator per prompt."""
-    from kdforge.serve.sampling import make_generator
-
-    stop_ids = end_of_turn_ids(tokenizer)
-    out: list[list[str]] = []
-    for i, text in enumerate(render_prompts(tokenizer, prompts)):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        generator = make_generator(sampling.seed * 1_000_003 + i)
-        answers = []
-        for _ in range(num_samples):
-            row = model.generate_ids(ids, max_new_tokens, stop_ids, len(tokenizer), sampling.temperature,
-                                     sampling.top_p, generator)
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-        out.append(answers)
+    for (i, _), answer in zip(rows, answers):
+        out[i].append(tokenizer.decode(answer, skip_special_tokens=True).strip())
     return out

@@ -12,8 +12,9 @@ its imports. ``peak_rss_mb`` is therefore "a fresh Python process with torch and
 imported, after loading this model and decoding at batch 1 and at batch ``batch``".
 Where fork is not available (not Linux), each model runs in a fresh ``python -m`` process.
 
-Timings come from :func:`kdforge.eval.metrics.decode_speed` (greedy, ``new_tokens`` forced tokens
-after the prompt, best of two after a warm-up):
+Timings come from the model's runtime, ``CausalLM.decode_speed`` (`kdforge.runtime`; greedy,
+``new_tokens`` forced tokens after the prompt, best of two after a warm-up), one code path for
+every backend:
 - ``ttft_ms``: one ``generate`` call producing one token: the prompt's prefill plus one step;
 - ``decode_tokens_per_s``: tokens after the first, per second: batch × (n − 1) / (t(n) − t(1)).
 """
@@ -63,49 +64,29 @@ def _peak_rss_mb() -> float:
 
 
 def measure_one(job: dict[str, Any]) -> dict[str, Any]:
-    """Load ``job['spec']`` and time it at batch 1 and at ``job['batch']`` (runs in the child)."""
+    """Open ``job['spec']`` in its runtime and time it at batch 1 and at ``job['batch']`` (runs in the
+    child). A runtime that decodes fewer sequences at once (llama.cpp: one) reports None at that batch."""
     import torch
 
     from kdforge.data.chat import encode_prompt
-    from kdforge.eval.metrics import decode_speed
-    from kdforge.models.loading import count_parameters, load_model
+    from kdforge.runtime import open_model
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     rss_start = (_status_kb("VmRSS") or 0) / 1024
-    if job.get("backend") == "llama.cpp":
-        return _measure_llama_cpp(job, rss_start)
-    model, tok = load_model(job["spec"], job.get("device", "auto"),
-                            trust_remote_code=job.get("trust_remote_code", False))
-    prompt_ids = encode_prompt(tok, job["prompt"])
-    b1 = decode_speed(model, tok, prompt_ids, job["new_tokens"])
-    bn = decode_speed(model, tok, prompt_ids, job["new_tokens"], batch=job["batch"])
-    return {"params": count_parameters(model), "threads": torch.get_num_threads(), "prompt_tokens": len(prompt_ids),
+    # threads: llama.cpp gets as many as torch would use, so both runtimes get the same cores.
+    with open_model(job["spec"], job.get("backend", "auto"), job.get("device", "auto"), threads=job.get("threads"),
+                    trust_remote_code=job.get("trust_remote_code", False)) as lm:
+        prompt_ids = encode_prompt(lm.tokenizer, job["prompt"])
+        b1 = lm.decode_speed(prompt_ids, job["new_tokens"])
+        fits = lm.max_batch is None or job["batch"] <= lm.max_batch
+        bn = lm.decode_speed(prompt_ids, job["new_tokens"], batch=job["batch"]) if fits else None
+        params = lm.num_parameters()
+    return {"params": params, "threads": b1["threads"], "prompt_tokens": len(prompt_ids),
             "batch": job["batch"], "new_tokens": job["new_tokens"],
             "ttft_ms_b1": b1["ttft_s"] * 1000, "decode_tokens_per_s_b1": b1["decode_tokens_per_s"],
-            "ttft_ms_bn": bn["ttft_s"] * 1000, "decode_tokens_per_s_bn": bn["decode_tokens_per_s"],
-            "rss_start_mb": rss_start, "peak_rss_mb": _peak_rss_mb()}
-
-
-def _measure_llama_cpp(job: dict[str, Any], rss_start: float) -> dict[str, Any]:
-    """A GGUF file in llama.cpp: batch 1 only (the Python binding decodes one sequence), with as many
-    threads as torch would use, so both runtimes get the same cores."""
-    import torch
-
-    from kdforge.data.chat import encode_prompt
-    from kdforge.eval.llamacpp_model import gguf_parameters
-    from kdforge.export.llamacpp import LlamaCppModel
-    from kdforge.models.loading import load_tokenizer, resolve_model
-
-    src = resolve_model(job["spec"])
-    prompt_ids = encode_prompt(load_tokenizer(job["spec"]), job["prompt"])
-    model = LlamaCppModel(src.folder / src.gguf_file, n_ctx=len(prompt_ids) + job["new_tokens"] + 8,
-                          n_threads=int(job.get("threads") or torch.get_num_threads()))
-    b1 = model.decode_speed(prompt_ids, job["new_tokens"])
-    return {"params": gguf_parameters(src.folder / src.gguf_file), "threads": model.n_threads,
-            "prompt_tokens": len(prompt_ids), "batch": job["batch"], "new_tokens": job["new_tokens"],
-            "ttft_ms_b1": b1["ttft_s"] * 1000, "decode_tokens_per_s_b1": b1["decode_tokens_per_s"],
-            "ttft_ms_bn": None, "decode_tokens_per_s_bn": None,
+            "ttft_ms_bn": bn["ttft_s"] * 1000 if bn else None,
+            "decode_tokens_per_s_bn": bn["decode_tokens_per_s"] if bn else None,
             "rss_start_mb": rss_start, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -125,8 +106,8 @@ def serve() -> None:
     import transformers  # noqa: F401
 
     import kdforge.data.chat  # noqa: F401
-    import kdforge.eval.metrics  # noqa: F401
     import kdforge.models.loading  # noqa: F401
+    import kdforge.runtime.transformers  # noqa: F401
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -157,8 +138,8 @@ def measure_models(specs: list[str], prompt: list[dict[str, str]], new_tokens: i
                    threads: int | None = None, device: str = "auto", trust_remote_code: bool = False,
                    backends: list[str] | None = None) -> list[dict[str, Any]]:
     """Speed and memory of each model, each measured in its own (forked) process; ``backends`` (one per
-    spec, default all ``transformers``) says which run in llama.cpp."""
-    backends = backends or ["transformers"] * len(specs)
+    spec, default ``auto``) are the runtimes they open in (`kdforge.runtime.backend_for`'s choices)."""
+    backends = backends or ["auto"] * len(specs)
     jobs = [{"spec": s, "prompt": prompt, "new_tokens": new_tokens, "batch": batch, "threads": threads,
              "device": device, "trust_remote_code": trust_remote_code, "backend": b} for s, b in zip(specs, backends)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}

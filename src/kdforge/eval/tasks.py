@@ -28,9 +28,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kdforge.data.prompts import BUNDLED
 from kdforge.errors import UserError
-
-BUNDLED = "bundled"
 
 
 class TaskError(UserError):
@@ -324,7 +323,9 @@ def summarize(items: list[TaskItem], results: list[dict[str, Any]]) -> dict[str,
 
 def run_tasks(model, tokenizer, items: list[TaskItem], batch_size: int = 16, short_tokens: int = 32,
               code_tokens: int = 128, timeout_s: float = 5.0, memory_mb: int = 512) -> dict[str, Any]:
-    """Greedy answers to every item, scored: {'summary': ..., 'items': [{id, answer, score, status}]}."""
+    """Greedy answers to every item, scored: {'summary': ..., 'items': [{id, answer, score, status}]}.
+
+    ``model``: a runtime (`kdforge.runtime.CausalLM`) or a loaded transformers module."""
     from kdforge.eval.generation import generate_texts
 
     answers: dict[str, str] = {}

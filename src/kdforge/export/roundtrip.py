@@ -215,7 +215,7 @@ def gguf_roundtrip(source, tokenizer, gguf_path: str | Path, sets: Sets, ref: Lo
     report["tokenizer"] = compare_ids(src_ids, [gguf_tok(t)["input_ids"] for t in texts])
     report["tokenizer"]["normalizer"] = normalizer_probe(tokenizer, gguf_tok)
     if with_llama_cpp:
-        from kdforge.export.llamacpp import llama_cpp_available
+        from kdforge.runtime import llama_cpp_available
 
         if llama_cpp_available():
             report["llama_cpp"] = llama_cpp_roundtrip(path, tokenizer, sets, ref, texts, src_ids)
@@ -226,15 +226,14 @@ def gguf_roundtrip(source, tokenizer, gguf_path: str | Path, sets: Sets, ref: Lo
 
 def llama_cpp_roundtrip(path: Path, tokenizer, sets: Sets, ref: Logits, texts: list[str],
                         src_ids: list[list[int]]) -> dict[str, Any]:
-    """Tokenizer ids and logits from llama.cpp itself, against the source."""
-    from kdforge.export.llamacpp import LlamaCppModel
+    """Tokenizer ids and logits from llama.cpp itself (the runtime the file is for), against the source."""
+    from kdforge.runtime import LLAMA_CPP, open_model
 
-    longest = max(len(e.input_ids) for data in sets.values() for e in data)
-    lm = LlamaCppModel(path, n_ctx=max(512, longest), logits_all=True)
-    # add_bos follows the file's tokenizer.ggml.add_bos_token, as the HF tokenizer follows its own flag.
-    out: dict[str, Any] = {"tokenizer": compare_ids(src_ids, [lm.tokenize(t) for t in texts]), "logits": {}}
-    for name, data in sets.items():
-        logits = [torch.from_numpy(lm.logits(e.input_ids)) for e in data]
-        out["logits"][name] = logits_agreement(ref[name], logits, data, len(tokenizer))
-    lm.close()
+    # The source's tokenizer renders nothing here: llama.cpp tokenizes the texts itself (add_bos as the
+    # file's tokenizer.ggml.add_bos_token says, as the HF tokenizer follows its own flag).
+    with open_model(str(path), backend=LLAMA_CPP) as lm:
+        out: dict[str, Any] = {"tokenizer": compare_ids(src_ids, [lm.tokenize(t) for t in texts]), "logits": {}}
+        for name, data in sets.items():
+            logits = [lm.sequence_logits(e.input_ids) for e in data]  # (T, V) each
+            out["logits"][name] = logits_agreement(ref[name], logits, data, len(tokenizer))
     return out

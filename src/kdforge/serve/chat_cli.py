@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import TextIO
 
 from kdforge.data.chat import encode_prompt
+from kdforge.runtime.sampling import SamplingParams
 from kdforge.serve.engine import BaseEngine, ContextLengthExceeded
-from kdforge.serve.sampling import SamplingParams
 
 HELP = "/reset starts a new conversation, /exit quits, Ctrl-C stops an answer."
 

@@ -18,8 +18,8 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
+from kdforge.runtime.sampling import SamplingParams, make_generator
 from kdforge.serve.detokenize import IncrementalDetokenizer, StopStringFilter
-from kdforge.serve.sampling import SamplingParams, make_generator
 
 log = logging.getLogger("kdforge.serve")
 

@@ -24,8 +24,9 @@ import inspect
 
 import torch
 
+from kdforge.runtime.base import TRANSFORMERS
+from kdforge.runtime.sampling import sample_token
 from kdforge.serve.engine import BaseEngine, Sequence, log
-from kdforge.serve.sampling import sample_token
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -36,7 +37,7 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class TransformersEngine(BaseEngine):
-    backend = "transformers"
+    backend = TRANSFORMERS
 
     def __init__(self, model, tokenizer, eot_ids: list[int], max_batch: int = 16,
                  max_model_len: int | None = None, max_tokens_cap: int | None = None,

@@ -8,12 +8,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kdforge.export.llamacpp import llama_cpp_available
-from kdforge.models.loading import EMBEDDED_PREFIX, end_of_turn_ids, is_gguf_file, load_model
+from kdforge.models.loading import EMBEDDED_PREFIX, end_of_turn_ids, load_model
+from kdforge.runtime import BACKENDS, LLAMA_CPP, TRANSFORMERS, backend_for
 from kdforge.serve.engine import BaseEngine
 
 API_KEY_ENV = "KDFORGE_API_KEY"
-BACKENDS = ("auto", "transformers", "llama.cpp")
+__all__ = ["API_KEY_ENV", "BACKENDS", "configure_logging", "default_model_name", "load_engine", "run_server"]
 
 
 def default_model_name(spec: str) -> str:
@@ -29,25 +29,33 @@ def load_engine(spec: str, backend: str = "auto", device: str = "auto", dtype: s
                 trust_remote_code: bool = False) -> BaseEngine:
     """Load the model and start its engine thread.
 
-    ``auto`` picks llama.cpp for a .gguf file when ``llama-cpp-python`` is installed, else
-    transformers (which reads GGUF files too, dequantized to fp32/bf16).
+    The backend is `kdforge.runtime.backend_for`'s choice: ``auto`` picks llama.cpp for a .gguf file
+    when ``llama-cpp-python`` is installed, else transformers (which reads GGUF files too,
+    dequantized to fp32/bf16); HF folders always run in transformers.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}")
-    if backend == "auto":
-        backend = "llama.cpp" if is_gguf_file(spec) and llama_cpp_available() else "transformers"
-    if backend == "llama.cpp":
-        from kdforge.serve.llamacpp import LlamaCppEngine
+    opts = {"device": device, "dtype": dtype, "max_batch": max_batch, "max_model_len": max_model_len,
+            "max_tokens_cap": max_tokens_cap, "trust_remote_code": trust_remote_code}
+    return _ENGINES[backend_for(spec, backend)](spec, **opts).start()
 
-        engine: BaseEngine = LlamaCppEngine.from_gguf(spec, max_model_len=max_model_len,
-                                                      max_tokens_cap=max_tokens_cap)
-    else:
-        from kdforge.serve.hf import TransformersEngine
 
-        model, tok = load_model(spec, device, dtype, trust_remote_code)
-        engine = TransformersEngine(model, tok, end_of_turn_ids(tok, model), max_batch=max_batch,
-                                    max_model_len=max_model_len, max_tokens_cap=max_tokens_cap)
-    return engine.start()
+def _transformers_engine(spec: str, device: str, dtype: str, max_batch: int, max_model_len: int | None,
+                         max_tokens_cap: int | None, trust_remote_code: bool) -> BaseEngine:
+    from kdforge.serve.hf import TransformersEngine
+
+    model, tok = load_model(spec, device, dtype, trust_remote_code)
+    return TransformersEngine(model, tok, end_of_turn_ids(tok, model), max_batch=max_batch,
+                              max_model_len=max_model_len, max_tokens_cap=max_tokens_cap)
+
+
+def _llama_cpp_engine(spec: str, max_model_len: int | None, max_tokens_cap: int | None, **_: object) -> BaseEngine:
+    from kdforge.serve.llamacpp import LlamaCppEngine
+
+    # One sequence at a time on the file's own types and device: max_batch, device and dtype do not apply.
+    return LlamaCppEngine.from_gguf(spec, max_model_len=max_model_len, max_tokens_cap=max_tokens_cap)
+
+
+# The batching engine of each runtime backend (serve's engines keep their own KV caches across steps).
+_ENGINES = {TRANSFORMERS: _transformers_engine, LLAMA_CPP: _llama_cpp_engine}
 
 
 def configure_logging() -> None:

@@ -1,12 +1,14 @@
-"""GGUF files through llama.cpp (``pip install llama-cpp-python``), imported only when used.
+"""The serving engine for GGUF files in llama.cpp (``pip install llama-cpp-python``), imported only when used.
 
-llama.cpp runs the forward passes on its quantized weights; everything else is shared with the
-transformers engine: the HF tokenizer read from the same GGUF file renders the chat template and
-detokenizes, and sampling uses :func:`kdforge.serve.sampling.sample_token` on llama.cpp's logits,
-so seeds and parameters mean the same on both backends. llama-cpp-python's high-level ``Llama``
-object holds one sequence, so this engine runs requests one at a time (first come, first served);
-it keeps the previous request's KV cache and re-evaluates only the part of a new prompt that
-differs (a multi-turn chat re-reads only the newest turn).
+llama.cpp runs the forward passes on its quantized weights, loaded and read through
+`kdforge.runtime.llamacpp` (the same loader and last-row logit reader every llama.cpp use in kdforge
+goes through); everything else is shared with the transformers engine: the HF tokenizer read from
+the same GGUF file renders the chat template and detokenizes, and sampling uses
+:func:`kdforge.runtime.sampling.sample_token` on llama.cpp's logits, so seeds and parameters mean the
+same on both backends. llama-cpp-python's high-level ``Llama`` object holds one sequence, so this
+engine runs requests one at a time (first come, first served); it keeps the previous request's KV
+cache and re-evaluates only the part of a new prompt that differs (a multi-turn chat re-reads only
+the newest turn).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from kdforge.models.loading import ModelLoadError, end_of_turn_ids, load_tokenizer, resolve_model
+from kdforge.models.loading import end_of_turn_ids, load_tokenizer
+from kdforge.runtime.base import LLAMA_CPP
+from kdforge.runtime.llamacpp import gguf_path, import_llama_cpp, last_logits, load_llama
+from kdforge.runtime.sampling import sample_token
 from kdforge.serve.engine import BaseEngine, Sequence
-from kdforge.serve.sampling import sample_token
 
 
 class LlamaCppEngine(BaseEngine):
-    backend = "llama.cpp"
+    backend = LLAMA_CPP
 
     def __init__(self, llm, tokenizer, eot_ids: list[int], max_tokens_cap: int | None = None,
                  read_logits: Callable[[], np.ndarray] | None = None):
@@ -36,15 +40,9 @@ class LlamaCppEngine(BaseEngine):
     @classmethod
     def from_gguf(cls, spec: str, max_model_len: int | None = None, max_tokens_cap: int | None = None,
                   n_threads: int | None = None) -> LlamaCppEngine:
-        try:
-            from llama_cpp import Llama
-        except ImportError as e:
-            raise ModelLoadError("the llama.cpp backend needs `pip install llama-cpp-python`") from e
-        src = resolve_model(spec)
-        if not src.gguf_file:
-            raise ModelLoadError(f"{src.display} is not a GGUF file; the llama.cpp backend reads .gguf files only")
-        path = str(src.folder / src.gguf_file)
-        llm = Llama(model_path=path, n_ctx=max_model_len or 0, n_threads=n_threads, verbose=False)
+        import_llama_cpp()  # the install hint before a missing file's error
+        # n_ctx 0: the model's own context; n_threads None: llama-cpp-python's default.
+        llm = load_llama(gguf_path(spec), n_ctx=max_model_len or 0, threads=n_threads)
         tok = load_tokenizer(spec)
         return cls(llm, tok, end_of_turn_ids(tok), max_tokens_cap=max_tokens_cap)
 
@@ -53,12 +51,7 @@ class LlamaCppEngine(BaseEngine):
         return 1 if self._current is not None else 0
 
     def _llama_logits(self) -> np.ndarray:
-        # llama-cpp-python >= 0.3 keeps no logits in ``Llama.scores`` unless logits_all=True (an
-        # (n_ctx, V) array: 1.6 GB for SmolLM2's 8k context), so read the last row from the context.
-        import llama_cpp
-
-        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        return last_logits(self.llm)  # (V,) view of llama.cpp's buffer
 
     def _logits(self) -> torch.Tensor:
         """(V,) fp32 logits after the last evaluated token (copied: llama.cpp reuses its buffer)."""

@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPBearer
 
 from kdforge.data.chat import encode_prompt
+from kdforge.runtime.sampling import SamplingParams
 from kdforge.serve.engine import BaseEngine, ContextLengthExceeded, GenerationHandle, Output
 from kdforge.serve.errors import ERROR_RESPONSES, APIError
 from kdforge.serve.protocol import (
@@ -30,7 +31,6 @@ from kdforge.serve.protocol import (
     ModelCard,
     ModelList,
 )
-from kdforge.serve.sampling import SamplingParams
 from kdforge.serve.streaming import chat_events, completion_events, event_stream, usage_of
 
 # A streamed answer is a 200 too, as server-sent events: the schema says so.

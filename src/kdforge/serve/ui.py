@@ -13,8 +13,8 @@ from typing import Any
 
 from kdforge.data.chat import encode_prompt
 from kdforge.errors import UserError
+from kdforge.runtime.sampling import SamplingParams
 from kdforge.serve.engine import BaseEngine, ContextLengthExceeded
-from kdforge.serve.sampling import SamplingParams
 
 
 def _import_gradio():

@@ -126,8 +126,7 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
     from kdforge.data.batching import shared_vocab_size
     from kdforge.data.chat import encode_conversation
     from kdforge.eval import markdown
-    from kdforge.eval.llamacpp_model import LlamaCppLM, backend_for
-    from kdforge.models.loading import count_parameters, load_model
+    from kdforge.runtime import TRANSFORMERS, backend_for, open_model, runtime_class
 
     t0 = time.time()
     if Path(cfg.out).exists() and not overwrite:
@@ -146,21 +145,21 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
 
         items = load_tasks(cfg.task_file, cfg.task_limit)
     convs = select_split(load_training_data(cfg.data), cfg.split, cfg.limit)
-    backends = ["transformers"] + [backend_for(s, cfg.backend) for s in cfg.students]
+    # The teacher always runs in transformers (its logits are the reference); students where backend_for says.
+    backends = [TRANSFORMERS] + [backend_for(s, cfg.backend) for s in cfg.students]
     if cfg.lm_eval_tasks:
-        cpp = [n for n, b in zip(names, backends) if b == "llama.cpp" and n in set(cfg.lm_eval_models or names)]
-        if cpp:
-            raise ConfigError(f"lm-eval runs transformers models only; {', '.join(cpp)} would run in llama.cpp: "
-                              "leave them out with lm_eval_models, or set backend: transformers")
+        chosen = set(cfg.lm_eval_models or names)
+        other = [f"{n} would run in {b}" for n, b in zip(names, backends)
+                 if n in chosen and not runtime_class(b).hf_model]
+        if other:
+            raise ConfigError(f"lm-eval runs transformers models only; {', '.join(other)}: "
+                              f"leave them out with lm_eval_models, or set backend: {TRANSFORMERS}")
 
-    teacher, tok = load_model(cfg.teacher, cfg.device, trust_remote_code=cfg.trust_remote_code)
-    models = [teacher]
-    for spec, backend in zip(cfg.students, backends[1:]):
-        if backend == "llama.cpp":
-            models.append(LlamaCppLM(spec, score_context=cfg.max_length, threads=cfg.threads))
-            continue
-        m, _ = load_model(spec, cfg.device, trust_remote_code=cfg.trust_remote_code)
-        models.append(m)
+    # One runtime per model; threads apply to llama.cpp's (transformers uses torch's).
+    models = [open_model(spec, backend, cfg.device, threads=cfg.threads, trust_remote_code=cfg.trust_remote_code)
+              for spec, backend in zip(specs, backends)]
+    teacher = models[0]
+    tok = teacher.tokenizer  # every model is scored and prompted through the teacher's tokenizer
     vocab = shared_vocab_size(tok, *models)
     pairs = [(c, encode_conversation(tok, c.messages, cfg.max_length)) for c in convs if c.has_answer]
     pairs = [(c, e) for c, e in pairs if e.num_targets > 0]
@@ -182,12 +181,10 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
     agree = agreement_by_category(teacher, models, [e for _, e in pairs], [c.category for c, _ in pairs],
                                   tok.pad_token_id, vocab, cfg.batch_size)
     rows: list[dict[str, Any]] = []
-    for name, spec, backend, m, q in zip(names, specs, backends, models, agree["models"]):
-        params = m.num_parameters() if backend == "llama.cpp" else count_parameters(m)
-        rows.append({"name": name, "path": spec, "backend": backend, "params_m": params / 1e6,
+    for name, spec, m, q in zip(names, specs, models, agree["models"]):
+        rows.append({"name": name, "path": spec, "backend": m.backend, "params_m": m.num_parameters() / 1e6,
                      "nll": q["nll"], "kl": q["kl"], "top1": q["top1"], "by_category": q["by_category"]})
-        if backend == "llama.cpp":
-            m.release_scorer()  # its (context × vocab) logit buffer is not needed for generation
+        m.release_scoring()  # e.g. llama.cpp's (context × vocab) logit buffer: not needed for generation
 
     lap("agreement")
 
@@ -241,7 +238,7 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
             if row["name"] not in chosen:
                 continue
             print(f"[eval] lm_eval: {row['name']} on {', '.join(cfg.lm_eval_tasks)}", flush=True)
-            res = run_lm_eval(m, tok, cfg.lm_eval_tasks, items, cfg.task_batch_size, cfg.task_max_new_tokens,
+            res = run_lm_eval(m.model, tok, cfg.lm_eval_tasks, items, cfg.task_batch_size, cfg.task_max_new_tokens,
                               cfg.code_max_new_tokens, cfg.lm_eval_limit, cfg.code_timeout_s, cfg.code_memory_mb)
             row["lm_eval"] = {}
             for task, r in res.items():
@@ -258,9 +255,8 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
         lap("lm_eval")
 
     # 4. speed and size, each model in its own process (free ours first: less memory pressure)
-    for m, backend in zip(models, backends):
-        if backend == "llama.cpp":
-            m.close()
+    for m in models:
+        m.close()
     del models, teacher
     gc.collect()
     from kdforge.eval.speed import bytes_on_disk, measure_models

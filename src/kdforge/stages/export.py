@@ -185,10 +185,10 @@ def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
 def run_quantize(cfg: QuantizeConfig, overwrite: bool = False) -> dict[str, Any]:
     from kdforge.data.chat import encode_prompt
     from kdforge.data.prompts import SPEED_PROMPT
-    from kdforge.eval.metrics import decode_speed
     from kdforge.export.roundtrip import model_report, validation_sets
     from kdforge.export.torch_quant import folder_bytes, load_quantized, reload_quantized, save_quantized
     from kdforge.models.loading import load_model, resolve_model
+    from kdforge.runtime import as_runtime
 
     quiet_torchao()
     t0 = time.time()
@@ -211,8 +211,8 @@ def run_quantize(cfg: QuantizeConfig, overwrite: bool = False) -> dict[str, Any]
             del reloaded
             report["agreement"] = model_report(source, qmodel, sets, len(tok))
             prompt = encode_prompt(tok, SPEED_PROMPT)
-            report["decode"] = {"quantized": decode_speed(qmodel, tok, prompt, cfg.decode_tokens),
-                                "source": decode_speed(source, tok, prompt, cfg.decode_tokens)}
+            report["decode"] = {"quantized": as_runtime(qmodel, tok).decode_speed(prompt, cfg.decode_tokens),
+                                "source": as_runtime(source, tok).decode_speed(prompt, cfg.decode_tokens)}
             del source
         atomic_write_json(tmp / "report.json", report)
         metrics = {"bytes": report["bytes"]}

@@ -1,8 +1,10 @@
-"""Per-request next-token choice: greedy at temperature 0, else temperature + nucleus (top-p).
+"""The one next-token sampler of every runtime: greedy at temperature 0, else temperature + nucleus (top-p).
 
-Every request owns a ``torch.Generator`` seeded from its ``seed`` (or from the OS when none is
-given), so a seeded request draws the same tokens whether it runs alone or shares decode steps
-with others: sampling never touches the global RNG.
+Every backend (transformers, llama.cpp) and every caller (the serve engines, eval's task set and
+stability probe) picks tokens with :func:`sample_token`, so a seed and a set of parameters mean the
+same everywhere. Every sequence owns a ``torch.Generator`` seeded from its ``seed`` (or from the OS
+when none is given), so a seeded sequence draws the same tokens whether it runs alone or shares
+decode steps with others: sampling never touches the global RNG.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+
+# Below ~1e-4 the scaled logits overflow fp32 and softmax turns to NaN; the limit is greedy anyway.
+GREEDY_BELOW = 1e-4
 
 
 @dataclass
@@ -33,9 +38,14 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         self.stop = [s for s in self.stop if s]  # an empty stop string would end every answer at once
 
+    @property
+    def greedy(self) -> bool:
+        """True when :func:`sample_token` takes the argmax (no random draw)."""
+        return self.temperature < GREEDY_BELOW
+
 
 def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator for one request; sampling runs on CPU logits (one (V,) row per token)."""
+    """A CPU generator for one sequence; sampling runs on CPU logits (one (V,) row per token)."""
     g = torch.Generator(device="cpu")
     # manual_seed takes a 64-bit value; wrap arbitrary JSON integers into that range.
     g.manual_seed((seed if seed is not None else int.from_bytes(os.urandom(8), "little")) & 0xFFFF_FFFF_FFFF_FFFF)
@@ -44,8 +54,7 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token id from ``logits`` of shape (V,) (fp32, CPU)."""
-    # Below ~1e-4 the scaled logits overflow fp32 and softmax turns to NaN; the limit is greedy anyway.
-    if params.temperature < 1e-4:
+    if params.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / params.temperature, dim=-1)  # (V,)
     if not torch.isfinite(probs).all():  # a model that emits inf/NaN logits: fall back to greedy

@@ -1,0 +1,78 @@
+"""One causal-LM interface (`CausalLM`) and its backends: transformers and llama.cpp.
+
+Stages and components ask for a model by spec::
+
+    with open_model("runs/export/model-q8_0.gguf", backend="auto", threads=2) as lm:
+        answers = lm.generate(prompt_ids, SamplingParams(max_tokens=32, temperature=0.7), lm.stop_ids(),
+                              [make_generator(seed) for seed in seeds])
+
+and never branch on which backend answered; what differs is a capability on the runtime
+(``max_batch``, ``hf_model``, ``release_scoring``). Every backend samples with
+`kdforge.runtime.sampling.sample_token`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kdforge.config import ConfigError
+from kdforge.models.loading import is_gguf_file
+from kdforge.runtime.base import LLAMA_CPP, TRANSFORMERS, CausalLM
+from kdforge.runtime.llamacpp import INSTALL_HINT, llama_cpp_available
+from kdforge.runtime.sampling import SamplingParams, make_generator, sample_token
+
+AUTO = "auto"
+BACKENDS = (AUTO, TRANSFORMERS, LLAMA_CPP)
+
+__all__ = ["AUTO", "BACKENDS", "INSTALL_HINT", "LLAMA_CPP", "TRANSFORMERS", "CausalLM", "SamplingParams",
+           "as_runtime", "backend_for", "llama_cpp_available", "make_generator", "open_model", "runtime_class",
+           "sample_token"]
+
+
+def backend_for(spec: str, backend: str = AUTO) -> str:
+    """The backend a model spec runs on. llama.cpp reads GGUF files only, so HF folders and the
+    embedded teacher always run in transformers; a GGUF file runs in llama.cpp when asked, or with
+    ``auto`` when llama-cpp-python is installed (else transformers' GGUF loader, dequantised)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if not is_gguf_file(spec) or backend == TRANSFORMERS:
+        return TRANSFORMERS
+    installed = llama_cpp_available()
+    if backend == LLAMA_CPP and not installed:
+        raise ConfigError(f"backend {LLAMA_CPP} for {spec} needs llama-cpp-python: {INSTALL_HINT}, "
+                          f"or use backend {TRANSFORMERS}")
+    return LLAMA_CPP if installed else TRANSFORMERS
+
+
+def runtime_class(backend: str) -> type[CausalLM]:
+    """The runtime type of a resolved backend name (imported on first use: transformers is heavy)."""
+    if backend == TRANSFORMERS:
+        from kdforge.runtime.transformers import TransformersRuntime
+
+        return TransformersRuntime
+    if backend == LLAMA_CPP:
+        from kdforge.runtime.llamacpp import LlamaCppRuntime
+
+        return LlamaCppRuntime
+    raise ConfigError(f"no runtime named {backend!r}; choose one of {', '.join(BACKENDS[1:])}")
+
+
+def open_model(spec: str, backend: str = AUTO, device: str = "auto", dtype: str = "auto", threads: int | None = None,
+               context: int | None = None, trust_remote_code: bool = False) -> CausalLM:
+    """Load ``spec`` (HF folder, .gguf file, ``embedded:NAME``) in the backend `backend_for` picks.
+
+    ``device``/``dtype``/``trust_remote_code`` apply to transformers; ``threads`` (default: torch's)
+    and ``context`` (the decoder's tokens per sequence, default 4096; 0: the model's own) to llama.cpp.
+    """
+    return runtime_class(backend_for(spec, backend)).load(spec, device=device, dtype=dtype, threads=threads,
+                                                          context=context, trust_remote_code=trust_remote_code)
+
+
+def as_runtime(model: Any, tokenizer: Any = None) -> CausalLM:
+    """``model`` itself if it is a runtime, else a loaded transformers module wrapped as one (so code
+    holding a bare ``PreTrainedModel``, e.g. a training loop's student, can call runtime code)."""
+    if isinstance(model, CausalLM):
+        return model
+    from kdforge.runtime.transformers import TransformersRuntime
+
+    return TransformersRuntime(model, tokenizer)
