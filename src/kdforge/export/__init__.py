@@ -1,5 +1,6 @@
-"""Quantize and export: GGUF files for llama.cpp/Ollama (gguf_writer, gguf_tokenizer), round-trip checks
-(roundtrip), PyTorch weight quantisation (torch_quant) and a llama.cpp runtime wrapper (llamacpp).
+"""Export and quantize: GGUF files for llama.cpp/Ollama (gguf_writer, gguf_tokenizer, gptq, calibration),
+round-trip checks (roundtrip), PyTorch weight quantisation (torch_quant), format names (formats).
 
-The stage runners (`kdforge export`, `kdforge quantize`) live in `kdforge.export.stage`.
+The stages (`kdforge export`, `kdforge quantize`) are `kdforge.stages.export`; GGUF files run through
+`kdforge.runtime` (llama.cpp or transformers' GGUF loader).
 """
