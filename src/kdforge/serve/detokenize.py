@@ -12,11 +12,14 @@ the next token settles it, so a stream never shows a stop string, or a piece of 
 
 from __future__ import annotations
 
+import re
+
 REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    """Feed token ids with :meth:`push`; joined outputs plus :meth:`flush` equal decoding them all."""
+    """Feed token ids with :meth:`push`; joined outputs plus :meth:`flush` equal decoding them all
+    (less an incomplete character at the very end, which :meth:`flush` drops)."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
@@ -40,11 +43,66 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """Whatever is still held back (at the end of generation), even if it ends in U+FFFD."""
+        """Whatever is still held back (at the end of generation), less a trailing incomplete character.
+
+        Generation that stops inside a multi-byte character (``max_tokens`` reached after two of an
+        emoji's four bytes) leaves bytes that are no character: they are dropped, never sent as U+FFFD.
+        """
         before = self._decode(self.ids[self._prefix:self._read])
         after = self._decode(self.ids[self._prefix:])
         self._prefix = self._read = len(self.ids)
-        return after[len(before):] if len(after) > len(before) else ""
+        return after[len(before):].rstrip(REPLACEMENT) if len(after) > len(before) else ""
+
+
+def _byte_level_inverse() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (``bytes_to_unicode``) inverted: vocabulary character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenPieces:
+    """A token id's raw bytes and its text, for log-probabilities (cached: the vocabulary is fixed).
+
+    Byte-level vocabularies (GPT-2, Llama 3, Qwen, SmolLM2) store each byte as one character;
+    SentencePiece ones write a space as U+2581 and single bytes as ``<0xNN>``. A token that is only
+    part of a character shows its bytes as ``\\xNN`` escapes in its text; ``bytes`` are exact.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel" or "ByteLevel" in repr(decoder)
+        self._inverse = _byte_level_inverse() if self._byte_level else {}
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            raw = self._bytes(token_id)
+            hit = self._cache[token_id] = (raw.decode("utf-8", errors="backslashreplace"), list(raw))
+        return hit
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if not isinstance(piece, str):
+            return b""
+        if self._byte_level and all(c in self._inverse for c in piece):
+            return bytes(self._inverse[c] for c in piece)
+        m = _BYTE_TOKEN.fullmatch(piece)
+        if m:
+            return bytes([int(m[1], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8", errors="replace")
 
 
 class StopStringFilter:

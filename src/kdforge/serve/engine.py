@@ -18,8 +18,10 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
+import torch
+
 from kdforge.runtime.sampling import SamplingParams, make_generator
-from kdforge.serve.detokenize import IncrementalDetokenizer, StopStringFilter
+from kdforge.serve.detokenize import IncrementalDetokenizer, StopStringFilter, TokenPieces
 
 log = logging.getLogger("kdforge.serve")
 
@@ -37,6 +39,32 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # With log-probabilities asked for: one entry per token sampled since the previous Output (OpenAI's
+    # {"token", "logprob", "bytes", "top_logprobs"}); None otherwise. Tokens whose text is held back
+    # (part of a character, a possible stop string) arrive with the Output that carries their text.
+    logprobs: list[dict] | None = None
+
+
+# The floor of a reported log-probability: JSON has no -inf (OpenAI reports -9999.0 too).
+LOGPROB_FLOOR = -9999.0
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int, pieces: TokenPieces) -> dict:
+    """OpenAI's logprob entry of ``token`` under ``logits`` (V,): log_softmax of the raw logits
+    (temperature 1, as OpenAI reports them, whatever temperature sampled it) and the ``top`` likeliest."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+
+    def entry(tid: int, value: float) -> dict:
+        text, raw = pieces(tid)
+        value = value if value == value else LOGPROB_FLOOR  # NaN from a broken model: the floor
+        return {"token": text, "logprob": max(float(value), LOGPROB_FLOOR), "bytes": raw}
+
+    best = []
+    if top > 0:
+        values, ids = torch.topk(logp, min(top, MAX_TOP_LOGPROBS, logp.numel()))
+        best = [entry(int(i), float(v)) for v, i in zip(values, ids)]
+    return {**entry(token, float(logp[token])), "top_logprobs": best}
 
 
 @dataclass
@@ -61,8 +89,9 @@ class GenerationHandle:
     """
 
     def __init__(self, request_id: int, prompt_ids: list[int], params: SamplingParams, wake: threading.Event,
-                 on_finish=None):
+                 on_finish=None, logprobs: int | None = None):
         self.request_id = request_id
+        self.logprobs = logprobs  # None: none; k >= 0: each token's log-probability and the k likeliest
         self._on_finish = on_finish  # called once on the engine thread after the last Output
         self.prompt_ids = prompt_ids
         self.params = params
@@ -117,7 +146,7 @@ class GenerationHandle:
 class Sequence:
     """One request inside the engine: sampling state, detokenizer, stop strings and counts."""
 
-    def __init__(self, handle: GenerationHandle, tokenizer, eot_ids: set[int]):
+    def __init__(self, handle: GenerationHandle, tokenizer, eot_ids: set[int], pieces: TokenPieces | None = None):
         self.handle = handle
         self.params = handle.params
         self.prompt_ids = handle.prompt_ids
@@ -129,21 +158,35 @@ class Sequence:
         self.last_token = -1  # the newest sampled token, not yet run through the model
         self.position = len(self.prompt_ids)  # its position id: tokens before it are in the KV cache
         self.finished = False
+        self.top_logprobs = handle.logprobs
+        if pieces is None and handle.logprobs is not None:
+            pieces = TokenPieces(tokenizer)
+        self.pieces = pieces
+        self._logprobs: list[dict] | None = [] if handle.logprobs is not None else None
 
-    def accept(self, token: int) -> bool:
-        """Take a sampled token; emit the text it settles. True when the sequence is finished."""
+    def accept(self, token: int, logits: torch.Tensor | None = None) -> bool:
+        """Take a sampled token (and the (V,) logits it was sampled from, for log-probabilities);
+        emit the text it settles. True when the sequence is finished."""
         self.completion_tokens += 1
         self.last_token = token
         if token in self.eot_ids and not self.params.ignore_eos:
-            return self.finish("stop")
+            return self.finish("stop")  # the end-of-turn token is no text, and gets no logprob entry
+        if self._logprobs is not None and logits is not None:
+            self._logprobs.append(token_logprobs(logits, token, self.top_logprobs or 0, self.pieces))
         text = self.stopper.push(self.detok.push(token))
         if self.stopper.stopped:
             return self.finish("stop", text)
         if self.completion_tokens >= self.params.max_tokens:
             return self.finish("length", text)
         if text:
-            self.handle._emit(Output(text))
+            self.handle._emit(Output(text, logprobs=self._take_logprobs()))
         return False
+
+    def _take_logprobs(self) -> list[dict] | None:
+        if self._logprobs is None:
+            return None
+        out, self._logprobs = self._logprobs, []
+        return out
 
     def finish(self, reason: str, text: str = "", error: str | None = None) -> bool:
         if self.finished:
@@ -155,7 +198,8 @@ class Sequence:
             if self.stopper.stopped:
                 reason = "stop"
             text += self.stopper.flush()
-        self.handle._emit(Output(text, reason, len(self.prompt_ids), self.completion_tokens, error))
+        self.handle._emit(Output(text, reason, len(self.prompt_ids), self.completion_tokens, error,
+                                 self._take_logprobs()))
         return True
 
 
@@ -182,6 +226,7 @@ class BaseEngine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._in_flight = 0  # submitted and not yet finished (queued, waiting or active)
+        self._pieces: TokenPieces | None = None  # token id -> (text, bytes) for log-probabilities, made once
 
     # ---- caller side -------------------------------------------------------------------------
     def resolve_max_tokens(self, prompt_tokens: int, requested: int | None) -> int:
@@ -207,12 +252,19 @@ class BaseEngine:
             )
         return limit
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
-        """Queue a request; it joins the running batch at the engine's next step."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, logprobs: int | None = None) -> GenerationHandle:
+        """Queue a request; it joins the running batch at the engine's next step.
+
+        ``logprobs``: None for none, else every generated token's log-probability with the ``logprobs``
+        likeliest alternatives (at most 20), in :attr:`Output.logprobs`.
+        """
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         self.resolve_max_tokens(len(prompt_ids), params.max_tokens)  # raises if it cannot fit
-        handle = GenerationHandle(next(self._ids), list(prompt_ids), params, self._wake, self._release)
+        handle = GenerationHandle(next(self._ids), list(prompt_ids), params, self._wake, self._release,
+                                  logprobs=logprobs)
         with self._lock:
             self._in_flight += 1
         self._inbox.put(handle)
@@ -270,7 +322,9 @@ class BaseEngine:
                 handle = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            self._waiting.append(Sequence(handle, self.tokenizer, self.eot_ids))
+            if handle.logprobs is not None and self._pieces is None:
+                self._pieces = TokenPieces(self.tokenizer)
+            self._waiting.append(Sequence(handle, self.tokenizer, self.eot_ids, self._pieces))
 
     def _has_work(self) -> bool:
         return bool(self._waiting) or self.num_active > 0

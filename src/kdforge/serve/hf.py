@@ -144,7 +144,7 @@ class TransformersEngine(BaseEngine):
             budget -= len(seq.prompt_ids)
             try:
                 cache, logits = self._prefill(seq)
-                finished = seq.accept(sample_token(logits, seq.params, seq.generator))
+                finished = seq.accept(sample_token(logits, seq.params, seq.generator), logits)
             except Exception as e:  # e.g. out of memory on a long prompt: fail this request only
                 log.exception("prefill failed")
                 self.stats.errors += 1
@@ -170,7 +170,7 @@ class TransformersEngine(BaseEngine):
         keep = []
         for i, seq in enumerate(self._active):
             seq.position += 1
-            if seq.accept(sample_token(logits[i], seq.params, seq.generator)):
+            if seq.accept(sample_token(logits[i], seq.params, seq.generator), logits[i]):
                 self._done(seq)
             else:
                 keep.append(i)

@@ -99,6 +99,7 @@ class LlamaCppEngine(BaseEngine):
             self.stats.batch_sizes[1] += 1
             self.stats.max_active = 1
         self._current = seq
-        if seq.accept(sample_token(self._logits(), seq.params, seq.generator)):
+        logits = self._logits()
+        if seq.accept(sample_token(logits, seq.params, seq.generator), logits):
             self._done(seq)
             self._current = None

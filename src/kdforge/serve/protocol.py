@@ -3,21 +3,46 @@
 FastAPI builds the server's OpenAPI schema from these, so the ranges declared here (temperature
 0..2, top_p in (0, 1], max_tokens >= 1, n == 1) are both enforced and published. Requests are
 parsed strictly (a string is not a number, 1 is not true); unknown fields are ignored, as clients
-send extras this server does not implement (presence_penalty, logit_bias, user, ...).
+send extras this server does not implement (presence_penalty, logit_bias, user, ...). What is refused
+says why: more than 4 stop strings, an image/audio/file content part, a message without content or
+with tool calls, a lone UTF-16 surrogate in any text that reaches the tokenizer.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+MAX_STOP = 4  # stop strings per request, as in OpenAI's API
+MAX_TOP_LOGPROBS = 20  # as in OpenAI's API
+
+
+def _unicode_text(value: str) -> str:
+    """JSON's ``\\ud800`` escapes can smuggle lone UTF-16 surrogates, which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start]
+        raise ValueError(f"the text holds a lone UTF-16 surrogate (\\u{ord(bad):04x} at character {e.start}), "
+                         "which is not valid Unicode") from None
+    return value
+
+
+def _at_most_four(stops: list[str]) -> list[str]:
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings are supported, got {len(stops)}")
+    return stops
+
+
+# A string in a request that reaches the tokenizer: valid Unicode (no lone surrogates).
+Text = Annotated[str, AfterValidator(_unicode_text)]
 FinishReason = Literal["stop", "length"]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False,
                                      description="0 is greedy; default 1")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus mass; default 1")]
 MaxTokens = Annotated[int, Field(ge=1, description="tokens to generate at most; default: what fits the context")]
-Stop = str | Annotated[list[str], Field(max_length=4)]
+Stop = Text | Annotated[list[Text], AfterValidator(_at_most_four), Field(json_schema_extra={"maxItems": MAX_STOP})]
 
 
 class _Request(BaseModel):
@@ -29,7 +54,7 @@ class StreamOptions(_Request):
 
 
 class _SamplingFields(_Request):
-    model: str
+    model: Text  # echoed in answers and errors: a lone surrogate could not even be sent back as JSON
     temperature: Temperature | None = None
     top_p: TopP | None = None
     max_tokens: MaxTokens | None = None
@@ -41,19 +66,48 @@ class _SamplingFields(_Request):
     ignore_eos: bool = Field(False, description="extension (as in vLLM): do not stop at end of turn")
 
 
+# The content part types OpenAI defines that this text-only server cannot read, and what to say.
+_UNSUPPORTED_PARTS = {"image_url": "image input is not supported", "image": "image input is not supported",
+                      "input_image": "image input is not supported", "input_audio": "audio input is not supported",
+                      "file": "file input is not supported", "refusal": "refusal parts are not supported"}
+
+
 class TextPart(_Request):
-    type: Literal["text"]
-    text: str
+    type: Literal["text"] = Field(description="only text: this server's models read no images, audio or files")
+    text: Text
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        # Before the fields: an image part should hear "image input is not supported", not "type: Input
+        # should be 'text'".
+        kind = data.get("type") if isinstance(data, dict) else None
+        if isinstance(kind, str) and kind != "text":
+            reason = _UNSUPPORTED_PARTS.get(kind, f"content parts of type '{kind}' are not supported")
+            raise ValueError(f"{reason}: this server reads text only (content parts of type 'text')")
+        return data
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] = Field(description="a string or text parts; null is not accepted (it is "
+                                           "OpenAI's for assistant tool calls, which are not supported)")
+    name: Text | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _has_content(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("tool_calls") or data.get("function_call"):
+            raise ValueError("tool calls are not supported: assistant messages must carry their text in 'content'")
+        if data.get("content") is None:
+            role = data.get("role")
+            raise ValueError(f"a{' ' + role if isinstance(role, str) else ''} message needs 'content' "
+                             "(a string or text parts)")
+        return data
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
@@ -62,12 +116,24 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = Field(None, description="newer name for max_tokens; wins if both")
+    logprobs: bool = Field(False, description="return each answer token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="with logprobs: the most likely tokens at each position (0..20)")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] = Field(
+    prompt: Text | list[int] | list[Text] = Field(
         description="text, token ids, or a list holding one text (one prompt per request)")
     echo: bool = Field(False, description="prepend the prompt to the returned text")
+    logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of the generated tokens and "
+                                 "the N likeliest alternatives (0..5); not with echo")
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -82,11 +148,35 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The text completions (legacy) shape: parallel lists, one entry per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -107,7 +197,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -123,7 +213,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -2,6 +2,10 @@
 
 A route checks the model name, turns the request into prompt ids and :class:`SamplingParams`, submits them
 and answers with the collected text or, for ``stream: true``, server-sent events (:mod:`kdforge.serve.streaming`).
+
+Chat templating, tokenization and the echo's decoding run in a worker thread (``asyncio.to_thread``), never
+on the event loop, so one client's long prompt cannot stall another's stream or ``/health``; a prompt with
+more characters than the context could hold in tokens is refused before it is tokenized.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -24,6 +29,7 @@ from kdforge.serve.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChoiceLogprobs,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -31,7 +37,13 @@ from kdforge.serve.protocol import (
     ModelCard,
     ModelList,
 )
-from kdforge.serve.streaming import chat_events, completion_events, event_stream, usage_of
+from kdforge.serve.streaming import (
+    CompletionLogprobTracker,
+    chat_events,
+    completion_events,
+    event_stream,
+    usage_of,
+)
 
 # A streamed answer is a 200 too, as server-sent events: the schema says so.
 _STREAMED = {**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}}
@@ -49,6 +61,7 @@ class ServedModel:
     aliases: tuple[str, ...] = ()
     max_in_flight: int = 64
     created: int = field(default_factory=lambda: int(time.time()))  # the model card's timestamp
+    allow_special_tokens: bool = False  # message content may become control tokens (off: always text)
 
     def check_model(self, name: str) -> None:
         if name != self.name and name not in self.aliases:
@@ -58,12 +71,31 @@ class ServedModel:
     def card(self) -> ModelCard:
         return ModelCard(id=self.name, created=self.created)
 
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (its vocabulary string's length bounds it from above)."""
+        try:
+            return max(1, max((len(t) for t in self.engine.tokenizer.get_vocab()), default=1))
+        except Exception:  # a tokenizer without get_vocab: no pre-check
+            return 1 << 30
+
+    def check_length(self, chars: int, param: str) -> None:
+        """A prompt of ``chars`` characters is at least chars / max_token_chars tokens: refuse, without
+        tokenizing, what cannot fit the context in any case."""
+        context = self.engine.context_length
+        if chars > context * self.max_token_chars:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, your "
+                           f"{param} hold {chars} characters, more than {context} tokens can cover. Shorten it.",
+                           param=param, code="context_length_exceeded")
+
     def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         """The conversation through the model's chat template, ending in the assistant's turn."""
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
+        self.check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
-            prompt_ids = encode_prompt(self.engine.tokenizer, messages)
+            prompt_ids = encode_prompt(self.engine.tokenizer, messages,
+                                       allow_special_tokens=self.allow_special_tokens)
         except Exception as e:  # a template that rejects this conversation (roles, order) or odd text
             raise APIError(400, f"could not apply the model's chat template: {e}", param="messages") from None
         if not prompt_ids:
@@ -79,6 +111,7 @@ class ServedModel:
                 raise APIError(400, "only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
+            self.check_length(len(prompt), "prompt")
             try:
                 prompt_ids = tokenizer(prompt)["input_ids"]
             except Exception as e:
@@ -110,12 +143,12 @@ class ServedModel:
             top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stop, ignore_eos=body.ignore_eos,
         )
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, logprobs: int | None = None) -> GenerationHandle:
         """Admission: past ``max_in_flight`` requests a 429 (with Retry-After), else into the engine's queue."""
         if self.engine.num_in_flight >= self.max_in_flight:
             raise APIError(429, f"The server is busy ({self.max_in_flight} requests in flight); retry shortly.",
                            "server_busy", code="too_many_requests", headers={"Retry-After": "1"})
-        return self.engine.submit(prompt_ids, params)
+        return self.engine.submit(prompt_ids, params, logprobs=logprobs)
 
 
 def build_router(served: ServedModel) -> APIRouter:
@@ -144,34 +177,46 @@ def build_router(served: ServedModel) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest,
                                request: Request) -> ChatCompletionResponse | StreamingResponse:
         served.check_model(body.model)
-        prompt_ids = served.chat_prompt(body)
+        prompt_ids = await asyncio.to_thread(served.chat_prompt, body)
         requested = body.max_completion_tokens or body.max_tokens
-        handle = served.submit(prompt_ids, served.sampling(body, prompt_ids, requested, "messages"))
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        handle = served.submit(prompt_ids, served.sampling(body, prompt_ids, requested, "messages"), top)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return event_stream(chat_events(handle, rid, now, body.model, _include_usage(body)))
-        text, last = await _collect(handle, request)
+        text, last, entries = await _collect(handle, request)
+        logprobs = ChoiceLogprobs(content=entries) if entries is not None else None
+        message = AssistantMessage(content=text)
         return ChatCompletionResponse(
             id=rid, created=now, model=body.model,
-            choices=[ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason=last.finish_reason)],
+            choices=[ChatChoice(index=0, message=message, finish_reason=last.finish_reason, logprobs=logprobs)],
             usage=usage_of(last),
         )
 
     @router.post("/v1/completions", response_model=CompletionResponse, dependencies=bearer, responses=_STREAMED)
     async def completions(body: CompletionRequest, request: Request) -> CompletionResponse | StreamingResponse:
         served.check_model(body.model)
-        prompt_ids, prompt = served.completion_prompt(body)
-        handle = served.submit(prompt_ids, served.sampling(body, prompt_ids, body.max_tokens, "prompt"))
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "logprobs with echo are not supported: the prompt's log-probabilities are not "
+                           "computed", param="logprobs", code="unsupported_parameter")
+        prompt_ids, prompt = await asyncio.to_thread(served.completion_prompt, body)
+        handle = served.submit(prompt_ids, served.sampling(body, prompt_ids, body.max_tokens, "prompt"),
+                               body.logprobs)
         prefix = ""
         if body.echo:
-            prefix = prompt if isinstance(prompt, str) else served.engine.tokenizer.decode(prompt_ids)
+            prefix = prompt if isinstance(prompt, str) else await asyncio.to_thread(
+                served.engine.tokenizer.decode, prompt_ids)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        tracker = CompletionLogprobTracker(len(prefix)) if body.logprobs is not None else None
         if body.stream:
-            return event_stream(completion_events(handle, rid, now, body.model, _include_usage(body), prefix))
-        text, last = await _collect(handle, request)
+            return event_stream(completion_events(handle, rid, now, body.model, _include_usage(body), prefix,
+                                                  tracker))
+        text, last, entries = await _collect(handle, request)
+        logprobs = tracker.render(entries or []) if tracker is not None else None
         return CompletionResponse(
             id=rid, created=now, model=body.model,
-            choices=[CompletionChoice(index=0, text=prefix + text, finish_reason=last.finish_reason)],
+            choices=[CompletionChoice(index=0, text=prefix + text, finish_reason=last.finish_reason,
+                                      logprobs=logprobs)],
             usage=usage_of(last),
         )
 
@@ -191,14 +236,18 @@ async def _cancel_on_disconnect(request: Request, handle: GenerationHandle) -> N
             return
 
 
-async def _collect(handle: GenerationHandle, request: Request) -> tuple[str, Output]:
-    """The whole answer of a non-streamed request, and its last :class:`Output` (finish reason, usage)."""
+async def _collect(handle: GenerationHandle, request: Request) -> tuple[str, Output, list[dict] | None]:
+    """The whole answer of a non-streamed request, its last :class:`Output` (finish reason, usage) and,
+    when asked for, every token's logprob entry."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
     parts: list[str] = []
+    entries: list[dict] | None = [] if handle.logprobs is not None else None
     last = Output("")
     try:
         async for out in handle:
             parts.append(out.text)
+            if entries is not None and out.logprobs:
+                entries.extend(out.logprobs)
             last = out
     finally:
         watcher.cancel()
@@ -207,4 +256,4 @@ async def _collect(handle: GenerationHandle, request: Request) -> tuple[str, Out
         raise APIError(500, f"generation failed: {last.error}", "server_error")
     if last.finish_reason == "cancelled":  # the client has gone; this answer reaches nobody (nginx's 499)
         raise APIError(499, "the client closed the request", code="client_closed_request")
-    return "".join(parts), last
+    return "".join(parts), last, entries

@@ -7,12 +7,16 @@
 * completions: [the echoed prompt], text chunks, the finish chunk (carrying the last text), [usage chunk],
   ``[DONE]``.
 
+With log-probabilities asked for, each chunk carries the entries of the tokens whose text it carries
+(a token held back as part of a character rides with the chunk that completes it).
+
 An engine error sends an error event, then ``[DONE]``; a cancelled request (the client left) gets no finish
 chunk.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
@@ -21,16 +25,18 @@ from kdforge.serve.engine import GenerationHandle, Output
 from kdforge.serve.protocol import (
     ChatChunkChoice,
     ChatCompletionChunk,
+    ChoiceLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionResponse,
     DeltaMessage,
     ErrorResponse,
     Usage,
 )
 
-# (text, finish_reason, usage) -> one "data: ..." event. A chunk with usage carries no choice (OpenAI's
-# final usage chunk has "choices": []).
-ChunkRenderer = Callable[[str, str | None, Usage | None], str]
+# (text, finish_reason, usage, logprob entries or None) -> one "data: ..." event. A chunk with usage
+# carries no choice (OpenAI's final usage chunk has "choices": []).
+ChunkRenderer = Callable[[str, str | None, Usage | None, list[dict] | None], str]
 
 DONE = "data: [DONE]\n\n"
 
@@ -47,6 +53,25 @@ def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+class CompletionLogprobTracker:
+    """Engine logprob entries -> the text completions (legacy) shape, with ``text_offset`` counted across
+    the chunks of one answer (from ``start``, the length of an echoed prompt)."""
+
+    def __init__(self, start: int = 0) -> None:
+        self._chars = start  # characters of the answer so far (a token's partial bytes count once complete)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def render(self, entries: list[dict]) -> CompletionLogprobs:
+        offsets = []
+        for e in entries:
+            offsets.append(self._chars)
+            self._chars += len(self._decoder.decode(bytes(e["bytes"] or [])))
+        return CompletionLogprobs(
+            tokens=[e["token"] for e in entries], token_logprobs=[e["logprob"] for e in entries],
+            top_logprobs=[{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            text_offset=offsets)
+
+
 def _event(body_json: str) -> str:
     return f"data: {body_json}\n\n"
 
@@ -61,31 +86,36 @@ def chat_events(handle: GenerationHandle, rid: str, created: int, model: str,
     """Role chunk, content chunks, one finish chunk, [usage chunk], [DONE] (OpenAI's order)."""
     exclude = None if include_usage else {"usage"}  # without include_usage no chunk carries a usage key
 
-    def event(delta: DeltaMessage, finish: str | None = None, usage: Usage | None = None) -> str:
-        choices = [] if usage is not None else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
+    def event(delta: DeltaMessage, finish: str | None = None, usage: Usage | None = None,
+              logprobs: list[dict] | None = None) -> str:
+        lp = ChoiceLogprobs(content=logprobs) if logprobs is not None else None
+        choices = [] if usage is not None else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish,
+                                                                logprobs=lp)]
         body = ChatCompletionChunk(id=rid, created=created, model=model, usage=usage, choices=choices)
         return _event(body.model_dump_json(exclude=exclude))
 
-    def chunk(text: str, finish: str | None, usage: Usage | None) -> str:
+    def chunk(text: str, finish: str | None, usage: Usage | None, logprobs: list[dict] | None) -> str:
         # The finish chunk's delta is empty (content null): its text went out in a content chunk before it.
-        return event(DeltaMessage(content=text or None), finish, usage)
+        return event(DeltaMessage(content=text or None), finish, usage, logprobs)
 
     return sse_events(handle, chunk, include_usage, first=event(DeltaMessage(role="assistant", content="")))
 
 
 def completion_events(handle: GenerationHandle, rid: str, created: int, model: str, include_usage: bool,
-                      prefix: str = "") -> AsyncIterator[str]:
+                      prefix: str = "", logprobs: CompletionLogprobTracker | None = None) -> AsyncIterator[str]:
     """[The echoed prompt ``prefix``], text chunks, the finish chunk with the last text, [usage chunk], [DONE]."""
     exclude = None if include_usage else {"usage"}
 
-    def chunk(text: str, finish: str | None, usage: Usage | None) -> str:
+    def chunk(text: str, finish: str | None, usage: Usage | None, entries: list[dict] | None) -> str:
         # Each chunk is a whole completion body, as OpenAI streams them.
-        choices = [] if usage is not None else [CompletionChoice(index=0, text=text, finish_reason=finish)]
+        lp = logprobs.render(entries or []) if logprobs is not None and usage is None and (text or entries) else None
+        choices = [] if usage is not None else [CompletionChoice(index=0, text=text, finish_reason=finish,
+                                                                 logprobs=lp)]
         body = CompletionResponse(id=rid, created=created, model=model, usage=usage, choices=choices)
         return _event(body.model_dump_json(exclude=exclude))
 
-    return sse_events(handle, chunk, include_usage, first=chunk(prefix, None, None) if prefix else None,
-                      text_in_finish=True)
+    first = chunk(prefix, None, None, None) if prefix else None
+    return sse_events(handle, chunk, include_usage, first=first, text_in_finish=True)
 
 
 async def sse_events(handle: GenerationHandle, chunk: ChunkRenderer, include_usage: bool, first: str | None = None,
@@ -103,12 +133,14 @@ async def sse_events(handle: GenerationHandle, chunk: ChunkRenderer, include_usa
                 yield _error_event(out)
                 break  # the stream still ends with [DONE], so clients stop reading
             finished = out.finish_reason in ("stop", "length")
+            entries = out.logprobs
             if out.text and not (finished and text_in_finish):
-                yield chunk(out.text, None, None)
+                yield chunk(out.text, None, None, entries)
+                entries = None  # sent with the text
             if finished:
-                yield chunk(out.text if text_in_finish else "", out.finish_reason, None)
+                yield chunk(out.text if text_in_finish else "", out.finish_reason, None, entries)
                 if include_usage:
-                    yield chunk("", None, usage_of(out))
+                    yield chunk("", None, usage_of(out), None)
         yield DONE
     finally:
         handle.cancel()  # the client went away (Starlette cancels this generator): free the batch row
