@@ -109,3 +109,28 @@ def test_killed_run_resumes_without_duplicates_or_losses(tiny_llama_dir, tmp_pat
     ids = [r["id"] for r in records(out)]
     assert len(ids) == len(set(ids)) and set(ids) == expected
     assert m["resumed_records"] == done_before
+
+
+def test_sampled_answers_are_per_record_and_use_the_one_sampler(tiny_llama_dir, prompts_file, tmp_path):
+    """Each record draws from its own seeded generator through kdforge's sampler: the same answers at
+    another batch size, other answers with another seed, and exactly what the runtime's sampler gives."""
+    from kdforge.data.chat import encode_prompt
+    from kdforge.runtime import SamplingParams, make_generator, open_model
+
+    def sampled(name, batch_size, seed):
+        cfg = GenerateConfig(model=str(tiny_llama_dir), prompts=str(prompts_file), out=str(tmp_path / name),
+                             batch_size=batch_size, max_new_tokens=6, preset="recipe", num_samples=2, seed=seed)
+        run_generate(cfg)
+        return {r["id"]: r["messages"][-1]["content"] for r in records(tmp_path / name)}
+
+    a, b, c = sampled("a", 4, 1), sampled("b", 3, 1), sampled("c", 4, 2)
+    assert a == b and a != c
+    assert a["t0/0"] != a["t0/1"] or a["t1/0"] != a["t1/1"]  # two samples of a prompt differ
+    import zlib
+
+    with open_model(str(tiny_llama_dir), "transformers") as lm:
+        conv = next(x for x in load_prompt_set(str(prompts_file)) if x.id == "t2")
+        ids = encode_prompt(lm.tokenizer, conv.prompt_messages)
+        g = make_generator(1 * 1_000_003 + zlib.crc32(b"t2/1"))
+        (answer,) = lm.generate([ids], SamplingParams(max_tokens=6, temperature=0.7, top_p=0.9), lm.stop_ids(), [g])
+    assert a["t2/1"] == lm.tokenizer.decode(answer, skip_special_tokens=True).strip()

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
@@ -237,6 +238,67 @@ class _Unset:
 
 
 _UNSET = _Unset()
+
+
+class OutputError(UserError):
+    """An output folder that cannot be written: the message names the path and the reason."""
+
+
+def check_writable(out: str | Path) -> None:
+    """Fail now, naming ``out``, if it cannot be created and written (read-only file system, no
+    permission, a file in the way), so that a stage finds out before it loads a model.
+
+    Creates nothing that stays: missing folders are probed in their nearest existing ancestor.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write {out}: it is a file, not a folder; choose another --out")
+    probe_in = out
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise OutputError(f"cannot write {out}: {probe_in} is a file, not a folder; choose another --out")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".kdforge-probe-", dir=probe_in)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror or e} ({probe_in}); choose another --out or "
+                          "fix its permissions") from None
+
+
+@contextlib.contextmanager
+def removed_if_unstarted(out: str | Path) -> Iterator[None]:
+    """For stages that build their folder in place (generate, label, distill): when the stage fails
+    before it has written anything but its config (a wrong model path, say), remove the folder it
+    created, so that the corrected command is not refused as "different settings"."""
+    out = Path(out)
+    created = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if created and out.is_dir() and all(
+                p.name == CONFIG_NAME or (p.is_file() and p.stat().st_size == 0) for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def describe_write_error(e: OSError) -> str | None:
+    """A one-line message for an OSError of a failed write (no space, read-only, no permission, a file
+    or folder in the way), or None for other errors (which keep their traceback: those are bugs)."""
+    import errno
+
+    writes = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+              errno.EPERM: "operation not permitted", errno.ENOTDIR: "a file is in the way of a folder",
+              errno.EISDIR: "a folder is in the way of a file", errno.EEXIST: "it already exists"}
+    if e.errno not in writes:
+        return None
+    where = e.filename or "the output"
+    return (f"cannot write {where}: {writes[e.errno]}; free space or choose another --out (artifact folders "
+            "appear only when complete; generate, label and distill resume what they finished)")
 
 
 def check_resume(folder: str | Path, previous: dict[str, Any], current: dict[str, Any],

@@ -154,6 +154,14 @@ def _run(args: argparse.Namespace) -> int:
     except (UserError, FileExistsError) as e:
         print(f"kdforge: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write that failed mid-stage (disk full, read-only): one line, not a traceback
+        from kdforge.artifacts import describe_write_error
+
+        message = describe_write_error(e)
+        if message is None:
+            raise
+        print(f"kdforge: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -129,7 +129,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             try:
                 records.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                # json's message may end in "at" already ("Unterminated string starting at"): no "at at".
+                where = f"{e.msg} column {e.colno}" if e.msg.endswith(" at") else f"{e.msg} at column {e.colno}"
+                raise DataError(f"{path}:{lineno}: not valid JSON ({where})") from None
     return records
 
 

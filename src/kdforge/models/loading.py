@@ -83,7 +83,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
             src.folder, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code
         )
     except Exception as e:  # transformers raises many types; the user needs the path and the cause
-        raise ModelLoadError(f"could not read a tokenizer from {src.display}: {e}") from e
+        raise ModelLoadError(f"could not read a tokenizer from {src.display}: {_why(src, e)}") from e
     if tok.pad_token is None:
         # Padding positions are always masked, so any token id will do; eos is the usual choice.
         tok.pad_token = tok.eos_token
@@ -107,11 +107,34 @@ def load_model(
             src.folder, gguf_file=src.gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
     except Exception as e:
-        raise ModelLoadError(f"could not load a causal LM from {src.display}: {e}") from e
+        raise ModelLoadError(f"could not load a causal LM from {src.display}: {_why(src, e)}") from e
     if src.gguf_file:
         model = dequantized_copy(model)
     model.to(dev).eval()
     return model, load_tokenizer(spec, trust_remote_code)
+
+
+def gguf_problem(path: Path) -> str | None:
+    """Why a GGUF file cannot be read, in words (None when its header and tensor table are whole and
+    every tensor's data lies inside the file)."""
+    size = path.stat().st_size
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+    except Exception as e:
+        return (f"the file is truncated or not a GGUF file: its header or tensor table cannot be read "
+                f"({size} bytes; {type(e).__name__}: {e})")
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        return f"the file is truncated: {size} bytes, its tensors need {end}; copy or export it again"
+    return None
+
+
+def _why(src: ModelSource, e: Exception) -> str:
+    """The loader's error, with the plain reason first when the file is a damaged GGUF."""
+    problem = gguf_problem(src.folder / src.gguf_file) if src.gguf_file else None
+    return f"{problem} ({e})" if problem else str(e)
 
 
 def end_of_turn_ids(tokenizer, model=None) -> list[int]:

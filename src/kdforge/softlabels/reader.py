@@ -86,8 +86,9 @@ class SoftLabelCache:
     def __len__(self) -> int:
         return len(self._index)
 
-    def check_compatible(self, tokenizer, data_sha256: str | None = None) -> None:
-        """Refuse a cache made with another tokenizer, chat template or data file."""
+    def check_compatible(self, tokenizer, data_sha256: str | None = None, data_path: str | None = None) -> None:
+        """Refuse a cache made with another tokenizer, chat template or data file (``data_path``: the data
+        the user gave now, named in the message)."""
         mine = self.manifest.tokenizer.model_dump()
         theirs = tokenizer_fingerprint(tokenizer)
         what = {"vocab_sha256": "vocabulary", "chat_template_sha256": "chat template",
@@ -97,8 +98,11 @@ class SoftLabelCache:
             raise CacheError(f"soft-label cache {self.path} was made with a different {', '.join(diffs)} than the "
                              "student's tokenizer; re-label with the student's tokenizer or use a matching student")
         if data_sha256 is not None and self.manifest.data.sha256 != data_sha256:
-            raise CacheError(f"soft-label cache {self.path} was made from other data than "
-                             f"{self.manifest.data.path} holds now; re-run `kdforge label`")
+            given = data_path or self.manifest.data.path
+            raise CacheError(f"soft-label cache {self.path} was made from other data: {given} (sha256 "
+                             f"{data_sha256[:12]}…) is not the file it labelled ({self.manifest.data.path}, sha256 "
+                             f"{self.manifest.data.sha256[:12]}…); pass that data, or re-run `kdforge label --data "
+                             f"{given}`")
 
     def rows(self) -> dict[str, int]:
         """The cache row of each example id (rows are in the order the examples were labelled)."""

@@ -25,8 +25,10 @@ from kdforge.artifacts import (
     atomic_files,
     atomic_write_text,
     check_resume,
+    check_writable,
     file_sha256,
     read_lines,
+    removed_if_unstarted,
     write_config,
     write_meta,
 )
@@ -104,6 +106,9 @@ class DistillConfig(StageConfig):
     def _check(self) -> DistillConfig:
         if self.teacher is None and self.labels is None:
             raise ValueError("set teacher (online distillation) or labels (a `kdforge label` cache)")
+        if self.teacher is not None and self.labels is not None:
+            # Training from the cache never loads the teacher: both would silently ignore one of them.
+            raise ValueError("set teacher (online distillation) or labels (train from the cache), not both")
         for name in ("alpha", "temperature", "kd_weight", "hidden_weight", "attention_weight"):
             try:
                 object.__setattr__(self, name, as_schedule(getattr(self, name)))
@@ -150,6 +155,7 @@ def _prepare_out(cfg: DistillConfig, overwrite: bool, resume: bool) -> Path | No
     """Create or check the output folder; return the checkpoint to resume from, if any."""
     from kdforge.distill.checkpoint import list_checkpoints
 
+    check_writable(cfg.out)  # before any model loads
     out = Path(cfg.out)
     if out.exists() and overwrite and not resume:
         shutil.rmtree(out)
@@ -194,9 +200,10 @@ class _Training:
 
 def run(cfg: DistillConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     t0 = time.time()
-    t = _setup(cfg, overwrite, resume)
-    total_targets = _loop(t)
-    return _finish(t, total_targets, t0)
+    with removed_if_unstarted(cfg.out):
+        t = _setup(cfg, overwrite, resume)
+        total_targets = _loop(t)
+        return _finish(t, total_targets, t0)
 
 
 def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
@@ -293,7 +300,7 @@ def _teacher_signal(cfg: DistillConfig, cache, student, tok):
 
     if cache is not None:
         # Offline distillation: the teacher is never loaded; its labels must match this data and tokenizer.
-        cache.check_compatible(tok, file_sha256(data_file(cfg.data)))
+        cache.check_compatible(tok, file_sha256(data_file(cfg.data)), cfg.data)
         if cache.manifest.max_length != cfg.max_length:
             raise ConfigError(f"the cache was labelled with max_length {cache.manifest.max_length}; "
                               f"set distill.max_length to the same (now {cfg.max_length})")

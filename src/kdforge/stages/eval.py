@@ -23,7 +23,15 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from kdforge.artifacts import atomic_dir, atomic_write_json, atomic_write_text, product, write_config, write_meta
+from kdforge.artifacts import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+    product,
+    write_config,
+    write_meta,
+)
 from kdforge.config import ConfigError, StageConfig, dump
 from kdforge.data.formats import load_training_data, select_split
 from kdforge.data.prompts import SPEED_PROMPT
@@ -128,6 +136,7 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
     from kdforge.eval import markdown
     from kdforge.runtime import TRANSFORMERS, backend_for, open_model, runtime_class
 
+    check_writable(cfg.out)  # before any model loads
     t0 = time.time()
     if Path(cfg.out).exists() and not overwrite:
         raise FileExistsError(f"{cfg.out} already exists; pass --overwrite to replace it or choose another --out")

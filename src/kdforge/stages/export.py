@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from kdforge.artifacts import atomic_dir, atomic_write_json, write_config, write_meta
+from kdforge.artifacts import atomic_dir, atomic_write_json, check_writable, write_config, write_meta
 from kdforge.config import StageConfig, dump
 from kdforge.export.formats import METHODS, QUANT_NAMES
 from kdforge.quiet import quiet_torchao
@@ -146,6 +146,7 @@ def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     from kdforge.models.loading import load_model
 
     quiet_torchao()
+    check_writable(cfg.out)  # before the model loads
     t0 = time.time()
     model, tok = load_model(cfg.model, device="cpu", dtype="float32", trust_remote_code=cfg.trust_remote_code)
     check_supported(model.config, type(model).__name__)  # fail before creating the output folder
@@ -191,6 +192,7 @@ def run_quantize(cfg: QuantizeConfig, overwrite: bool = False) -> dict[str, Any]
     from kdforge.runtime import as_runtime
 
     quiet_torchao()
+    check_writable(cfg.out)  # before the model loads
     t0 = time.time()
     qmodel, tok = load_quantized(cfg.model, cfg.method, cfg.group_size, cfg.device, cfg.trust_remote_code)
     report: dict[str, Any] = {"model": cfg.model, "method": cfg.method}

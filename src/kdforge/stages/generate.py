@@ -18,7 +18,17 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from kdforge.artifacts import CONFIG_NAME, META_NAME, append_lines, check_resume, read_lines, write_config, write_meta
+from kdforge.artifacts import (
+    CONFIG_NAME,
+    META_NAME,
+    append_lines,
+    check_resume,
+    check_writable,
+    read_lines,
+    removed_if_unstarted,
+    write_config,
+    write_meta,
+)
 from kdforge.config import ConfigError, Dtype, StageConfig, dump, read_yaml
 from kdforge.data.formats import Conversation, select_split
 from kdforge.data.prompts import BUNDLED, bundled_prompts_path, load_prompt_set
@@ -40,12 +50,16 @@ class GenerateConfig(StageConfig):
         None, description="greedy, or the common recipe: sampling at temperature 0.7, top-p 0.9"
     )
     do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, le=2, description="sampling temperature, as the serve stage's sampler: "
+                               "(0, 2]")
     top_p: float = Field(1.0, gt=0, le=1)
     num_samples: int = Field(1, gt=0, description="answers per prompt (needs sampling when > 1)")
     seed: int = Field(0, description="sampling seed (per record: the same answers on resume)")
     dtype: Dtype = "auto"
     device: str = "auto"
+    backend: Literal["auto", "transformers", "llama.cpp"] = Field(
+        "transformers", description="runtime of the teacher: transformers (batched), or llama.cpp for a GGUF "
+        "file (one sequence at a time; auto: llama.cpp when installed)")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
@@ -88,17 +102,23 @@ def read_finished(path: Path) -> set[str]:
 def run(cfg: GenerateConfig, overwrite: bool = False) -> dict[str, Any]:
     t0 = time.time()
     out = Path(cfg.out)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
     convs = select_split(load_prompt_set(cfg.prompts), cfg.split, cfg.limit, cfg.val_limit)
     if not convs:
         raise ConfigError(f"no prompts in split '{cfg.split}' of {cfg.prompts}")
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)  # before any model loads
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    with removed_if_unstarted(out):
+        out.mkdir(parents=True, exist_ok=True)
+        return _generate(cfg, out, convs, out / DATA_NAME, t0)
+
+
+def _generate(cfg: GenerateConfig, out: Path, convs: list[Conversation], data_path: Path,
+              t0: float) -> dict[str, Any]:
     if (out / CONFIG_NAME).is_file():
         check_resume(out, read_yaml(out / CONFIG_NAME), dump(cfg), MAY_CHANGE, "a generate run",
                      "Choose another --out, or pass --overwrite to start again.", ConfigError)
     write_config(out, dump(cfg))
-    data_path = out / DATA_NAME
     done = read_finished(data_path)
     todo = [(c, k) for c in convs for k in range(cfg.num_samples)
             if _record_id(c, k, cfg.num_samples) not in done]
@@ -106,10 +126,10 @@ def run(cfg: GenerateConfig, overwrite: bool = False) -> dict[str, Any]:
 
     stats = {"generated_tokens": 0, "seconds": 0.0, "stop": 0, "length": 0}
     if todo:
-        from kdforge.models.loading import load_model
+        from kdforge.runtime import open_model
 
-        model, tok = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
-        generate_into(model, tok, todo, cfg, data_path, stats)
+        with open_model(cfg.model, cfg.backend, cfg.device, cfg.dtype, trust_remote_code=cfg.trust_remote_code) as lm:
+            generate_into(lm, todo, cfg, data_path, stats)
     total = len(done) + len(todo)
     metrics = {
         "records": total,
@@ -129,55 +149,46 @@ def _local_path(spec: str) -> str | None:
     return spec if Path(spec).exists() else None
 
 
-def generate_into(model, tok, todo: list[tuple[Conversation, int]], cfg: GenerateConfig,
-                  data_path: Path, stats: dict[str, Any]) -> None:
-    import torch
+def generate_into(lm, todo: list[tuple[Conversation, int]], cfg: GenerateConfig, data_path: Path,
+                  stats: dict[str, Any]) -> None:
+    """Answer ``todo`` with the runtime ``lm``, appending one record a line to ``data_path``, batch by batch.
+
+    Sampled answers come from kdforge's one sampler (`kdforge.runtime.sampling`), each record with its
+    own generator seeded from ``seed`` and its id: a resumed run, or another batch size, draws the
+    same answer for the same record.
+    """
     from tqdm import tqdm
 
-    from kdforge.data.batching import left_pad
     from kdforge.data.chat import encode_prompt
-    from kdforge.models.loading import end_of_turn_ids
+    from kdforge.runtime import SamplingParams, make_generator
 
-    device = next(model.parameters()).device
-    stop_ids = end_of_turn_ids(tok, model)
+    tok = lm.tokenizer
+    stop_ids = lm.stop_ids()
     encoded = [(c, k, encode_prompt(tok, c.prompt_messages)) for c, k in todo]
     # Longest first: similar lengths share a batch (little padding) and an out-of-memory shows at once.
     encoded.sort(key=lambda x: -len(x[2]))
-    from transformers import GenerationConfig
-
-    gen_cfg = GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-        temperature=cfg.temperature if cfg.do_sample else None,
-        # top_k=0 turns off transformers' default top-k of 50: sampling is exactly temperature + top-p.
-        top_p=cfg.top_p if cfg.do_sample else None, top_k=0 if cfg.do_sample else None,
-        eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
-    )
+    params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature if cfg.do_sample else 0.0,
+                            top_p=cfg.top_p if cfg.do_sample else 1.0)
     bar = tqdm(total=len(encoded), desc="generate", unit="answer", dynamic_ncols=True)
     for start in range(0, len(encoded), cfg.batch_size):
         batch = encoded[start:start + cfg.batch_size]
-        input_ids, attn = left_pad([ids for _, _, ids in batch], tok.pad_token_id)  # (B, W)
-        width = input_ids.shape[1]
-        if cfg.do_sample:
-            first = _record_id(batch[0][0], batch[0][1], cfg.num_samples)
-            torch.manual_seed(cfg.seed * 1_000_003 + zlib.crc32(first.encode()))
+        ids_of = [_record_id(conv, k, cfg.num_samples) for conv, k, _ in batch]
+        generators = ([make_generator(cfg.seed * 1_000_003 + zlib.crc32(rid.encode())) for rid in ids_of]
+                      if cfg.do_sample else None)
         t = time.time()
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device),
-                                 generation_config=gen_cfg)  # (B, width + new)
+        answers = lm.generate([ids for _, _, ids in batch], params, stop_ids, generators, batch_size=len(batch))
         stats["seconds"] += time.time() - t
         lines = []
-        for i, (conv, k, ids) in enumerate(batch):
-            new = out[i, width:].tolist()
-            stop_at = next((j for j, x in enumerate(new) if x in stop_ids), None)
-            finish = "stop" if stop_at is not None else "length"
-            answer_ids = new[:stop_at] if stop_at is not None else new
-            n_tokens = len(answer_ids) + (1 if stop_at is not None else 0)
+        for (conv, k, ids), rid, answer_ids in zip(batch, ids_of, answers):
+            # Answers come without their stop token: one shorter than the cap means the turn ended.
+            finish = "stop" if len(answer_ids) < cfg.max_new_tokens else "length"
+            n_tokens = len(answer_ids) + (finish == "stop")
             stats["generated_tokens"] += n_tokens
             stats[finish] += 1
             answer = tok.decode(answer_ids, skip_special_tokens=True).strip()
             rec = {
-                "id": _record_id(conv, k, cfg.num_samples), "prompt_id": conv.id, "sample": k,
-                "split": conv.split or "train", "category": conv.category,
+                "id": rid, "prompt_id": conv.id, "sample": k, "split": conv.split or "train",
+                "category": conv.category,
                 "messages": conv.prompt_messages + [{"role": "assistant", "content": answer}],
                 "prompt_tokens": len(ids), "completion_tokens": n_tokens, "finish_reason": finish,
             }
@@ -186,7 +197,6 @@ def generate_into(model, tok, todo: list[tuple[Conversation, int]], cfg: Generat
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{stats['generated_tokens'] / max(stats['seconds'], 1e-9):.1f}")
     bar.close()
-
 
 STAGES = (Stage("generate", "the teacher answers a prompt set (batched, resumable)", GenerateConfig, run,
                 positional="model",

@@ -20,7 +20,15 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from kdforge.artifacts import CONFIG_NAME, check_resume, file_sha256, write_config, write_meta
+from kdforge.artifacts import (
+    CONFIG_NAME,
+    check_resume,
+    check_writable,
+    file_sha256,
+    removed_if_unstarted,
+    write_config,
+    write_meta,
+)
 from kdforge.config import ConfigError, Dtype, StageConfig, dump, read_yaml
 from kdforge.data.formats import data_file, load_training_data, select_split
 from kdforge.softlabels import MANIFEST
@@ -62,6 +70,12 @@ def _weights_sha256(spec: str) -> str:
 
 
 def run(cfg: LabelConfig, overwrite: bool = False) -> dict[str, Any]:
+    check_writable(cfg.out)  # before the teacher loads
+    with removed_if_unstarted(cfg.out):
+        return _label(cfg, overwrite)
+
+
+def _label(cfg: LabelConfig, overwrite: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
     from kdforge.data.batching import shared_vocab_size

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from kdforge.artifacts import atomic_dir, write_config, write_meta
+from kdforge.artifacts import atomic_dir, check_writable, write_config, write_meta
 from kdforge.config import ConfigError, StageConfig, dump
 from kdforge.stages import Stage
 
@@ -52,6 +52,7 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
     from kdforge.models.pruning import build_width_student, measure_importance, plan_width, top_sorted
     from kdforge.models.student import build_layer_student, check_layers, random_student, uniform_layers
 
+    check_writable(cfg.out)  # before the teacher loads: a read-only --out fails in a second
     t0 = time.time()
     teacher, tok = load_model(cfg.teacher, device="cpu", dtype="float32", trust_remote_code=cfg.trust_remote_code)
     tc = teacher.config
