@@ -42,6 +42,10 @@ class ServeConfig(_ModelServing):
     max_in_flight: int = Field(64, gt=0, description="requests accepted at once; more get 429 with Retry-After")
     max_tokens_limit: int | None = Field(None, gt=0, description="cap every request's max_tokens at this "
                                          "(default: the context)")
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="largest request body accepted; a larger "
+                                "one gets 413 before it is parsed")
+    allow_special_tokens: bool = Field(False, description="let message content become control tokens "
+                                       "(<|im_start|>...): off, a user cannot forge a system turn")
     ui: bool = Field(False, description="also open the Gradio chat page (needs kdforge[ui])")
     ui_port: int = Field(7860, ge=0, le=65535, description="port of the chat page (with --ui)")
 
@@ -104,12 +108,14 @@ def run_serve(cfg: ServeConfig) -> int:
         if cfg.ui:
             from kdforge.serve.ui import launch_ui
 
-            run_server(engine, name, cfg.host, cfg.port, api_key, cfg.max_in_flight, aliases, in_thread=True)
+            run_server(engine, name, cfg.host, cfg.port, api_key, cfg.max_in_flight, aliases, in_thread=True,
+                       max_body_bytes=cfg.max_body_bytes, allow_special_tokens=cfg.allow_special_tokens)
             print(f"[kdforge] API on http://{cfg.host}:{cfg.port}/v1, chat page on "
                   f"http://{cfg.host}:{cfg.ui_port}", flush=True)
             launch_ui(engine, name, host=cfg.host, port=cfg.ui_port)
         else:
-            run_server(engine, name, cfg.host, cfg.port, api_key, cfg.max_in_flight, aliases)
+            run_server(engine, name, cfg.host, cfg.port, api_key, cfg.max_in_flight, aliases,
+                       max_body_bytes=cfg.max_body_bytes, allow_special_tokens=cfg.allow_special_tokens)
     except KeyboardInterrupt:
         pass
     finally:
@@ -154,7 +160,8 @@ _CHAT_FLAGS = ("system", "temperature", "max_tokens")
 STAGES = (
     Stage("serve", "OpenAI-compatible HTTP server (continuous batching); --ui adds a chat page", ServeConfig,
           run_serve, positional="model",
-          flags=(*_MODEL_FLAGS, "host", "port", "api_key", "max_in_flight", "max_tokens_limit", "ui", "ui_port"),
+          flags=(*_MODEL_FLAGS, "host", "port", "api_key", "max_in_flight", "max_tokens_limit", "max_body_bytes",
+                 "allow_special_tokens", "ui", "ui_port"),
           pipeline=False),
     Stage("app", "Gradio chat page for a model (port 7860; needs kdforge[ui])", AppConfig, run_app,
           positional="model", flags=(*_MODEL_FLAGS, "host", "port", "open", *_CHAT_FLAGS), pipeline=False),
