@@ -212,7 +212,14 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
     from kdforge.data.formats import load_training_data, select_split
     from kdforge.distill.checkpoint import load_checkpoint, set_rng_states
     from kdforge.distill.sampler import MicroBatchSampler
-    from kdforge.distill.trainer import Distiller, encode_dataset, lr_multiplier, prepare_trainable, resolve_layer_map
+    from kdforge.distill.trainer import (
+        Distiller,
+        encode_dataset,
+        lr_multiplier,
+        make_batch,
+        prepare_trainable,
+        resolve_layer_map,
+    )
     from kdforge.memory import return_freed_memory_to_os
     from kdforge.models.loading import load_model
     from kdforge.softlabels.reader import SoftLabelCache
@@ -283,8 +290,8 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
         print(f"[kdforge] resuming {out} from step {start_step}", flush=True)
     else:
         write_config(out, dump(cfg))
-    val_batches = [_batch(val_data[i:i + cfg.batch_size], val_rows[i:i + cfg.batch_size] if val_rows else None,
-                          tok.pad_token_id) for i in range(0, len(val_data), cfg.batch_size)]
+    val_batches = [make_batch(val_data[i:i + cfg.batch_size], val_rows[i:i + cfg.batch_size] if val_rows else None,
+                              tok.pad_token_id) for i in range(0, len(val_data), cfg.batch_size)]
     return _Training(cfg, out, tok, module, all_params, projection, opt, sched, distiller,
                      sampler.stream(skip=consumed), data, rows, val_batches, layer_map,
                      sampler.batches_per_epoch() / cfg.grad_accum, start_step, consumed, log_path)
@@ -314,12 +321,6 @@ def _teacher_signal(cfg: DistillConfig, cache, student, tok):
     return LiveTeacher(teacher_model, vocab), vocab, None
 
 
-def _batch(examples: list, rows: list[int] | None, pad_id: int) -> dict:
-    from kdforge.distill.trainer import make_batch
-
-    return make_batch(examples, rows, pad_id)
-
-
 def _loop(t: _Training) -> int:
     """Optimizer steps from ``t.start_step`` to the end; returns the target tokens trained on."""
     import torch
@@ -327,6 +328,7 @@ def _loop(t: _Training) -> int:
 
     from kdforge.distill.checkpoint import save_checkpoint
     from kdforge.distill.schedules import Progress
+    from kdforge.distill.trainer import make_batch
 
     cfg = t.cfg
     writer = _tensorboard(t.out) if cfg.tensorboard else None
@@ -339,7 +341,7 @@ def _loop(t: _Training) -> int:
         micro = []
         for _ in range(cfg.grad_accum):
             _epoch, idx = next(t.stream)
-            micro.append(_batch([t.data[i] for i in idx], [t.rows[i] for i in idx] if t.rows else None,
+            micro.append(make_batch([t.data[i] for i in idx], [t.rows[i] for i in idx] if t.rows else None,
                                 t.tok.pad_token_id))
         t.consumed += cfg.grad_accum
         r = t.distiller.step(micro, progress)

@@ -9,8 +9,10 @@ is written to disk, so these stages take no --out and are not steps of `kdforge 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -72,14 +74,23 @@ class ChatConfig(_Chatting):
     seed: int | None = Field(None, description="sampling seed (default: a fresh one per answer)")
 
 
-def _engine(cfg: _ModelServing, max_tokens_cap: int | None = None):
+@contextlib.contextmanager
+def _serving(cfg: _ModelServing, max_tokens_cap: int | None = None) -> Iterator[Any]:
+    """The model's engine for the life of a front end: Ctrl-C ends it quietly, and the engine thread is
+    always shut down."""
     from kdforge.quiet import quiet_transformers
     from kdforge.serve.launch import load_engine
 
     quiet_transformers()
-    return load_engine(cfg.model, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, max_batch=cfg.max_batch,
-                       max_model_len=cfg.max_model_len, max_tokens_cap=max_tokens_cap,
-                       trust_remote_code=cfg.trust_remote_code)
+    engine = load_engine(cfg.model, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype,
+                         max_batch=cfg.max_batch, max_model_len=cfg.max_model_len, max_tokens_cap=max_tokens_cap,
+                         trust_remote_code=cfg.trust_remote_code)
+    try:
+        yield engine
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.shutdown()
 
 
 def _name(cfg: _ModelServing) -> str:
@@ -100,26 +111,22 @@ def run_serve(cfg: ServeConfig) -> int:
     if cfg.ui:
         _require_gradio()
     configure_logging()
-    engine = _engine(cfg, cfg.max_tokens_limit)
     name = _name(cfg)
     api_key = cfg.api_key or os.environ.get("KDFORGE_API_KEY") or None
     aliases = (cfg.model,) if cfg.model != name else ()
-    try:
-        if cfg.ui:
-            from kdforge.serve.ui import launch_ui
+    with _serving(cfg, cfg.max_tokens_limit) as engine:
+        server = dict(host=cfg.host, port=cfg.port, api_key=api_key, max_in_flight=cfg.max_in_flight,
+                      aliases=aliases, max_body_bytes=cfg.max_body_bytes,
+                      allow_special_tokens=cfg.allow_special_tokens)
+        if not cfg.ui:
+            run_server(engine, name, **server)
+            return 0
+        from kdforge.serve.ui import launch_ui
 
-            run_server(engine, name, cfg.host, cfg.port, api_key, cfg.max_in_flight, aliases, in_thread=True,
-                       max_body_bytes=cfg.max_body_bytes, allow_special_tokens=cfg.allow_special_tokens)
-            print(f"[kdforge] API on http://{cfg.host}:{cfg.port}/v1, chat page on "
-                  f"http://{cfg.host}:{cfg.ui_port}", flush=True)
-            launch_ui(engine, name, host=cfg.host, port=cfg.ui_port)
-        else:
-            run_server(engine, name, cfg.host, cfg.port, api_key, cfg.max_in_flight, aliases,
-                       max_body_bytes=cfg.max_body_bytes, allow_special_tokens=cfg.allow_special_tokens)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        engine.shutdown()
+        run_server(engine, name, in_thread=True, **server)
+        print(f"[kdforge] API on http://{cfg.host}:{cfg.port}/v1, chat page on "
+              f"http://{cfg.host}:{cfg.ui_port}", flush=True)
+        launch_ui(engine, name, host=cfg.host, port=cfg.ui_port)
     return 0
 
 
@@ -129,28 +136,18 @@ def run_app(cfg: AppConfig) -> int:
 
     _require_gradio()
     configure_logging()
-    engine = _engine(cfg)
-    try:
+    with _serving(cfg) as engine:
         launch_ui(engine, _name(cfg), host=cfg.host, port=cfg.port, open_browser=cfg.open, system=cfg.system,
                   temperature=cfg.temperature, max_tokens=cfg.max_tokens)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        engine.shutdown()
     return 0
 
 
 def run_chat(cfg: ChatConfig) -> int:
     from kdforge.serve.chat_cli import run_chat as chat_loop
 
-    engine = _engine(cfg)
-    try:
+    with _serving(cfg) as engine:
         chat_loop(engine, _name(cfg), system=cfg.system or None, temperature=cfg.temperature, top_p=cfg.top_p,
                   max_tokens=cfg.max_tokens, seed=cfg.seed)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        engine.shutdown()
     return 0
 
 
