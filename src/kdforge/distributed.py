@@ -112,6 +112,21 @@ def shard_of(items: list, r: int | None = None, n: int | None = None) -> list:
     return items[r::n]
 
 
+def on_main(fn, *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` run on rank 0 only; its result, or the error it raised, on every rank (so that a
+    bad --out found by rank 0 stops all ranks with the same message instead of leaving them waiting)."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # re-raised below, on every rank
+            error = e
+    result, error = broadcast((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
 @contextmanager
 def main_first() -> Iterator[None]:
     """Rank 0 runs the block first (e.g. creates a folder), the others after it."""
