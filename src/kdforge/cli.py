@@ -18,7 +18,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from kdforge import __version__
+from kdforge import __version__, distributed
 from kdforge.config import build_config
 from kdforge.errors import UserError
 
@@ -148,7 +148,7 @@ def _run(args: argparse.Namespace) -> int:
         if stage.pipeline or stage.name == "demo":
             kwargs["overwrite"] = args.overwrite
         result = stage.run(cfg, **kwargs)
-        if stage.pipeline and stage.name != "eval":
+        if stage.pipeline and stage.name != "eval" and distributed.is_main():  # one line per job, not per rank
             print(f"[kdforge] {stage.name} done -> {cfg.out}: {result}", flush=True)
         return result if isinstance(result, int) and not stage.pipeline else 0
     except (UserError, FileExistsError) as e:

@@ -140,15 +140,26 @@ def build_config(
     values.update({k: v for k, v in (flags or {}).items() if v is not None})
     for item in stage_overrides:
         key, value = parse_override(item)
-        if "." in key:
-            prefix, key = key.split(".", 1)
-            if prefix != stage:
-                continue  # an override for another stage of `kdforge run`
-        values[key] = value
+        prefix = key.split(".", 1)[0]
+        if "." in key and prefix == stage:
+            key = key.split(".", 1)[1]
+        elif "." in key and prefix not in cls.model_fields:
+            continue  # an override for another stage of `kdforge run`
+        _set_nested(values, key.split("."), value)
     try:
         return cls(**values)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, stage, sources)) from None
+
+
+def _set_nested(values: dict[str, Any], path: list[str], value: Any) -> None:
+    """``values[a][b] = value`` for the path ``a.b`` of a nested config field (``distributed.strategy``,
+    ``lora.r``), merged into what the YAML files gave that field."""
+    for part in path[:-1]:
+        inner = values.get(part)
+        values[part] = inner = dict(inner) if isinstance(inner, dict) else {}
+        values = inner
+    values[path[-1]] = value
 
 
 def format_validation_error(e: ValidationError, stage: str, sources: list[str]) -> str:

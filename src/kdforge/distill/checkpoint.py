@@ -4,6 +4,11 @@
 ``state.pt`` (optimizer, scheduler, alignment projection, RNG states; read back with
 ``weights_only=True``), ``trainer_state.json`` (step and data position). A checkpoint is built
 under a temporary name and renamed when complete, so a crash never leaves a partial one.
+
+A parallel run (DDP or FSDP2, several processes) writes ``dcp/`` instead of ``model.safetensors``
+and the optimizer: a `torch.distributed.checkpoint` of the model and optimizer state dicts, each rank
+writing its own shard, keyed by parameter name. It loads at any world size (DCP re-shards on
+load), in one process too; ``state.pt`` then holds the scheduler and rank 0's RNG states.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from kdforge.artifacts import atomic_dir, atomic_write_json
+from kdforge import distributed
+from kdforge.artifacts import atomic_dir, atomic_write_json, fsync_tree
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 
@@ -68,6 +74,62 @@ def load_checkpoint(path: Path, module: torch.nn.Module) -> tuple[dict[str, Any]
     try:
         trainer_state = json.loads((path / "trainer_state.json").read_text())
         missing, unexpected = load_model(module, str(path / "model.safetensors"), strict=True)
+        extra = torch.load(path / "state.pt", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {path} is unreadable ({e}); delete it to resume from the one before") from e
+    return trainer_state, extra
+
+
+SHARDED = "dcp"  # the folder of a parallel run's checkpoint (torch.distributed.checkpoint)
+
+
+def is_sharded(path: Path) -> bool:
+    return (path / SHARDED).is_dir()
+
+
+def save_sharded_checkpoint(out: Path, step: int, trainer_state: dict[str, Any], root: torch.nn.Module,
+                            opt: torch.optim.Optimizer, extra_state: dict[str, Any], keep: int) -> Path:
+    """Every rank calls this at the same step; each writes its shard, rank 0 the rest and the rename.
+    The temporary folder's name is the same on every rank (they write into one folder)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = checkpoint_dir(out) / f"step-{step:06d}"
+    tmp = final.with_name(f".{final.name}.tmp-sharded")
+    if distributed.is_main():
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a killed run's leftover
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    model_sd, optim_sd = get_state_dict(root, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED))
+    distributed.barrier()
+    if distributed.is_main():
+        torch.save(extra_state | {"rng": rng_states()}, tmp / "state.pt")
+        atomic_write_json(tmp / "trainer_state.json", trainer_state | {"step": step})
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return final
+
+
+def load_sharded_checkpoint(path: Path, root: torch.nn.Module,
+                            opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore ``root`` and ``opt`` (plain, DDP or FSDP2, any world size) from a sharded checkpoint;
+    return (trainer_state, extra_state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    try:
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        model_sd, optim_sd = get_state_dict(root, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / SHARDED))
+        set_state_dict(root, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         extra = torch.load(path / "state.pt", weights_only=True)
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} is unreadable ({e}); delete it to resume from the one before") from e

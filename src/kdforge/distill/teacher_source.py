@@ -34,13 +34,34 @@ class TeacherOutput:
     attention: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> (B, h, T, T)
 
 
-class LiveTeacher:
+class TeacherTargets(torch.nn.Module):
+    """The live teacher's forward as one module (what FSDP2 wraps when the teacher is sharded): logits at
+    the target positions, (N, V'), or only the decoder when just layer outputs are wanted."""
+
     def __init__(self, model, vocab: int):
+        super().__init__()
+        self.model, self.vocab = model, vocab
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                logits: bool, decoder: bool, pack_length: int | None) -> torch.Tensor | None:
+        if logits:
+            return target_logits(self.model, input_ids, attention_mask, labels, self.vocab, pack_length)[0]
+        if decoder:
+            self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+        return None
+
+
+class LiveTeacher:
+    def __init__(self, model, vocab: int, wrap=None):
+        """``wrap``: applied to the TeacherTargets module (kdforge.distill.parallel shards it with FSDP2)."""
         self.model, self.vocab = model, vocab
         self.num_layers = model.config.num_hidden_layers
         self.hidden_size = model.config.hidden_size
         for p in model.parameters():
             p.requires_grad_(False)
+        self.root = TeacherTargets(model, vocab)
+        if wrap is not None:
+            self.root = wrap(self.root)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor], req: TeacherRequest) -> TeacherOutput:
@@ -49,12 +70,9 @@ class LiveTeacher:
         pack_length = req.pack_length if not req.layers else None
         hidden, attention = req.hidden, req.attention
         with capture(self.model, list(req.layers), hidden, attention) as store:
-            if req.logits:
-                signal, _ = target_logits(self.model, ids, mask, labels, self.vocab, pack_length)  # (N, V)
-            else:
-                signal = None
-                if hidden or attention:
-                    self.model.get_decoder()(input_ids=ids, attention_mask=mask)
+            signal = self.root(ids, mask, labels, req.logits, hidden or attention, pack_length)  # (N, V) or None
+        if hasattr(self.root, "reshard"):
+            self.root.reshard()  # FSDP2 keeps a root's gathered weights after forward; a teacher has no backward
         return TeacherOutput(signal, store["hidden"], store["attention"])
 
 

@@ -25,9 +25,10 @@ from kdforge.data.chat import IGNORE_INDEX, EncodedConversation, encode_conversa
 from kdforge.data.formats import Conversation
 from kdforge.distill.alignment import attention_loss_sum, default_layer_map, hidden_loss_sum
 from kdforge.distill.losses import SparseSignal, hard_ce, kd_terms, soft_divergence
+from kdforge.distill.parallel import Parallel, TargetHidden
 from kdforge.distill.schedules import Progress, Schedule
 from kdforge.distill.teacher_source import CachedTeacher, LiveTeacher, TeacherRequest
-from kdforge.models.forward import capture, project, target_hidden, target_logits
+from kdforge.models.forward import capture, project
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,12 @@ def encode_dataset(tok, convs, max_length: int) -> tuple[list[EncodedConversatio
     return [e for e, _ in pairs], [c for _, c in pairs]
 
 
+def step_totals(micro: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """(target tokens, real tokens) of a list of micro-batches: what a step's terms are normalised by."""
+    return (sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+            sum(int(b["attention_mask"].sum()) for b in micro))
+
+
 def make_batch(examples: list[EncodedConversation], rows: list[int] | None, pad_id: int) -> dict[str, torch.Tensor]:
     """Padded tensors, plus the examples' rows in the soft-label cache when training from one."""
     batch = collate(examples, pad_id)
@@ -89,12 +96,18 @@ class Distiller:
 
     def __init__(self, objective: Objective, teacher: LiveTeacher | CachedTeacher, student, vocab: int,
                  layer_map: dict[int, int], projection: torch.nn.Module | None,
-                 autocast: contextlib.AbstractContextManager | None = None):
+                 autocast: contextlib.AbstractContextManager | None = None,
+                 parallel: Parallel | None = None, root: torch.nn.Module | None = None):
+        """``root``: the student as the trainer calls it (a TargetHidden, wrapped by DDP or FSDP2 in a
+        parallel run: kdforge.distill.parallel); built here for one process."""
         self.objective, self.teacher, self.student, self.vocab = objective, teacher, student, vocab
         self.layer_map, self.projection = layer_map, projection
         self.autocast = autocast
         self.pack_length = objective.pack_length
-        self.tied_embedding = sparse_tied_embedding_grad(student)
+        self.parallel = parallel or Parallel()
+        self.root = root if root is not None else TargetHidden(student, projection)
+        # A sparse gradient can be neither all-reduced nor sharded: dense in parallel runs.
+        self.tied_embedding = None if self.parallel.active else sparse_tied_embedding_grad(student)
 
     def weights(self, p: Progress) -> dict[str, float]:
         c = self.objective
@@ -102,11 +115,35 @@ class Distiller:
                 "hidden_weight": c.hidden_weight.at(p) if c.hidden_loss != "none" else 0.0,
                 "attention_weight": c.attention_weight.at(p) if c.attention_loss != "none" else 0.0}
 
-    def step(self, micro: list[dict[str, torch.Tensor]], p: Progress) -> dict[str, float]:
-        """Forward + backward over the micro-batches; returns summed terms and token counts."""
-        c, w = self.objective, self.weights(p)
-        n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+    def step(self, micro: list[dict[str, torch.Tensor]], p: Progress,
+             totals: tuple[int, int] | None = None) -> dict[str, float]:
+        """Forward + backward over the micro-batches; returns the step's terms and token counts.
+
+        ``totals``: (target tokens, real tokens) of the whole global step when this rank holds only its
+        share of it (a parallel run); the terms are normalised by them and summed over ranks.
+        """
+        w = self.weights(p)
+        n_targets, n_tokens = totals if totals is not None else step_totals(micro)
+        sums = {"loss": 0.0, "ce": 0.0, "soft": 0.0, "hidden": 0.0, "attention": 0.0}
+        for i, b in enumerate(micro):
+            with self.parallel.sync(self.root, last=i == len(micro) - 1):
+                self._micro_step(b, w, n_targets, n_tokens, sums)
+        emb = self.tied_embedding
+        if emb is not None and emb.weight.grad is not None and emb.weight.grad.is_sparse:
+            # Only when no output-projection gradient arrived first (e.g. a hidden-states-only stage).
+            emb.weight.grad = emb.weight.grad.to_dense()
+        sums = self.parallel.sum_floats(sums)
+        # Report every term per token of its own kind; "loss" is the weighted total the gradient came from.
+        out = {"ce": sums["ce"] / max(n_targets, 1), "soft": sums["soft"] / max(n_targets, 1),
+               "hidden": sums["hidden"] / max(n_tokens, 1), "attention": sums["attention"] / max(n_tokens, 1)}
+        out["loss"] = (sums["loss"] / max(n_targets, 1) + w["hidden_weight"] * out["hidden"]
+                       + w["attention_weight"] * out["attention"])
+        return out | w | {"targets": n_targets, "tokens": n_tokens}
+
+    def _micro_step(self, b: dict[str, torch.Tensor], w: dict[str, float], n_targets: int, n_tokens: int,
+                    sums: dict[str, float]) -> None:
+        """One micro-batch's forward and backward pass; its terms are added to ``sums``."""
+        c, par = self.objective, self.parallel
         use_kd = w["kd_weight"] > 0
         hid, att = w["hidden_weight"] > 0, w["attention_weight"] > 0
         s_layers = sorted(self.layer_map) if (hid or att) else []
@@ -115,60 +152,62 @@ class Distiller:
         pack = self.pack_length if not s_layers else None
         # alpha = 1 is plain CE on the data: the teacher's logits are not needed.
         need_logits = use_kd and w["alpha"] < 1
-        sums = {"loss": 0.0, "ce": 0.0, "soft": 0.0, "hidden": 0.0, "attention": 0.0}
         device = next(self.student.parameters()).device
-        for b in micro:
-            b = {k: v.to(device) for k, v in b.items()}
-            ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
-            with self.autocast or contextlib.nullcontext():
-                t_out = self.teacher(b, TeacherRequest(need_logits, tuple(t_layers), hid, att, pack))
-                with capture(self.student, s_layers, hid, att) as s_store:
-                    if use_kd:
-                        s_hidden, targets = target_hidden(self.student, ids, mask, labels, pack)  # (N, H), (N,)
-                    else:
-                        self.student.get_decoder()(input_ids=ids, attention_mask=mask)
-            loss = torch.zeros((), device=device)
-            if use_kd:
-                kd_sums, h_grad = self._token_terms(s_hidden, t_out.signal, targets, w, n_targets)
-                if h_grad is not None:
-                    # Carries the token losses' gradient into the decoder: d(sum(h * g))/dh = g.
-                    loss = loss + (s_hidden * h_grad).sum()
-                for k in ("loss", "ce", "soft"):
-                    sums[k] += kd_sums[k] * (w["kd_weight"] if k == "loss" else 1.0)
-            real = mask.bool()  # (B, T)
-            if hid:
-                h = sum(hidden_loss_sum(self._project(s_store["hidden"][i]), t_out.hidden[self.layer_map[i]],
-                                        real, c.hidden_loss) for i in s_layers) / len(s_layers)
-                loss = loss + w["hidden_weight"] * h / max(n_tokens, 1)
-                sums["hidden"] += float(h.detach())
-            if att:
-                a = sum(attention_loss_sum(s_store["attention"][i], t_out.attention[self.layer_map[i]],
-                                           real, c.attention_loss) for i in s_layers) / len(s_layers)
-                loss = loss + w["attention_weight"] * a / max(n_tokens, 1)
-                sums["attention"] += float(a.detach())
-            if loss.requires_grad:
-                loss.backward()
-        emb = self.tied_embedding
-        if emb is not None and emb.weight.grad is not None and emb.weight.grad.is_sparse:
-            # Only when no output-projection gradient arrived first (e.g. a hidden-states-only stage).
-            emb.weight.grad = emb.weight.grad.to_dense()
-        # Report every term per token of its own kind; "loss" is the weighted total the gradient came from.
-        out = {"ce": sums["ce"] / max(n_targets, 1), "soft": sums["soft"] / max(n_targets, 1),
-               "hidden": sums["hidden"] / max(n_tokens, 1), "attention": sums["attention"] / max(n_tokens, 1)}
-        out["loss"] = (sums["loss"] / max(n_targets, 1) + w["hidden_weight"] * out["hidden"]
-                       + w["attention_weight"] * out["attention"])
-        return out | w | {"targets": n_targets, "tokens": n_tokens}
+        b = {k: v.to(device) for k, v in b.items()}
+        ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
+        with self.autocast or contextlib.nullcontext():
+            t_out = self.teacher(b, TeacherRequest(need_logits, tuple(t_layers), hid, att, pack))
+            with capture(self.student, s_layers, hid, att) as s_store:
+                if use_kd:
+                    s_hidden, targets = self.root(ids, mask, labels, pack)  # (N, H), (N,)
+                else:
+                    self.root(ids, mask, labels, targets=False)
+        loss = torch.zeros((), device=device)
+        head_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if use_kd:
+            kd_sums, h_grad, head_grads = self._token_terms(s_hidden, t_out.signal, targets, w, n_targets)
+            if h_grad is not None:
+                # Carries the token losses' gradient into the decoder: d(sum(h * g))/dh = g.
+                loss = loss + (s_hidden * h_grad).sum()
+            for k in ("loss", "ce", "soft"):
+                sums[k] += kd_sums[k] * (w["kd_weight"] if k == "loss" else 1.0)
+        real = mask.bool()  # (B, T)
+        if hid:
+            h = sum(hidden_loss_sum(self._project(s_store["hidden"][i]), t_out.hidden[self.layer_map[i]],
+                                    real, c.hidden_loss) for i in s_layers) / len(s_layers)
+            loss = loss + w["hidden_weight"] * h / max(n_tokens, 1)
+            sums["hidden"] += float(h.detach())
+        if att:
+            a = sum(attention_loss_sum(s_store["attention"][i], t_out.attention[self.layer_map[i]],
+                                       real, c.attention_loss) for i in s_layers) / len(s_layers)
+            loss = loss + w["attention_weight"] * a / max(n_tokens, 1)
+            sums["attention"] += float(a.detach())
+        if par.active:
+            # The output projection's deferred gradient enters with the micro-batch's one backward pass
+            # (kdforge.distill.parallel), and under DDP every trained parameter must receive a gradient
+            # in it: a zero one where this step uses none.
+            loss = loss + sum((p * g).sum() for p, g in head_grads)
+            if not head_grads:
+                loss = loss + sum((p * 0).sum() for p in self.student.get_output_embeddings().parameters()
+                                  if p.requires_grad)
+            if self.projection is not None and not hid:
+                loss = loss + sum((p * 0).sum() for p in self.projection.parameters())
+            # DDP and FSDP2 average gradients over ranks; the terms are already per token of the global step.
+            loss = loss * par.world
+        if loss.requires_grad:
+            loss.backward()
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Validation: CE of the answers, divergence D(teacher ‖ student) at T=1 (forward KL), top-1 agreement."""
+        """Validation: CE of the answers, divergence D(teacher ‖ student) at T=1 (forward KL), top-1 agreement.
+        In a parallel run every rank scores every batch (the same numbers; sharded modules need all ranks)."""
         sums, n = {"val_ce": 0.0, "val_kl": 0.0, "val_top1": 0.0}, 0
         device = next(self.student.parameters()).device
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
             t_out = self.teacher(b, TeacherRequest(pack_length=self.pack_length))
-            s_logits, targets = target_logits(self.student, b["input_ids"], b["attention_mask"], b["labels"],
-                                              self.vocab, self.pack_length)
+            h, targets = self.root(b["input_ids"], b["attention_mask"], b["labels"], self.pack_length)
+            s_logits = project(self.student, h, self.vocab)  # (N, V)
             sums["val_ce"] += float(hard_ce(s_logits, targets).sum())
             sums["val_kl"] += float(soft_divergence(s_logits, t_out.signal, "forward_kl", 1.0,
                                                     chunk_size=self.objective.chunk_size).sum())
@@ -178,31 +217,45 @@ class Distiller:
         return {k: v / max(n, 1) for k, v in sums.items()}
 
     def _token_terms(self, s_hidden: torch.Tensor, signal, targets: torch.Tensor, w: dict[str, float],
-                     n_targets: int) -> tuple[dict[str, float], torch.Tensor | None]:
+                     n_targets: int) -> tuple[dict[str, float], torch.Tensor | None,
+                                              list[tuple[torch.Tensor, torch.Tensor]]]:
         """alpha·CE + (1-alpha)·T²·D over the N target positions, projected and back-propagated chunk by chunk.
 
         The (N, V) logits and their softmax/gradient buffers dominate a step's memory (V = 49k-152k),
         so each chunk of ``chunk_size`` positions is projected, scored and back-propagated at once;
         only its (chunk, V) buffers are alive. The gradients reach the output projection directly and
-        the decoder through the returned (N, H) gradient of ``s_hidden``.
+        the decoder through the returned (N, H) gradient of ``s_hidden``. In a parallel run the output
+        projection's gradient is returned instead, as (parameter, gradient) pairs, for the caller's one
+        backward pass (kdforge.distill.parallel says why).
         """
         c = self.objective
         leaf = s_hidden.detach().requires_grad_(s_hidden.requires_grad)
         n = leaf.shape[0]
         size = c.chunk_size or max(n, 1)
         sums = {"loss": 0.0, "ce": 0.0, "soft": 0.0}
+        defer = self.parallel.active and leaf.requires_grad
+        head = [p for p in self.student.get_output_embeddings().parameters() if p.requires_grad] if defer else []
+        head_grads = [torch.zeros_like(p) for p in head]
+        leaf_grad = torch.zeros_like(leaf) if defer else None  # (N, H)
         for start in range(0, n, size):
             sl = slice(start, start + size)
+            x = leaf[sl]  # (chunk, H)
             with self.autocast or contextlib.nullcontext():
-                logits = project(self.student, leaf[sl], self.vocab)  # (chunk, V)
+                logits = project(self.student, x, self.vocab)  # (chunk, V)
             sig = signal.rows(sl) if isinstance(signal, SparseSignal) else (signal[sl] if signal is not None else None)
             terms = kd_terms(logits, sig, targets[sl], w["alpha"], w["temperature"], c.loss, c.jsd_beta, c.skew)
             scaled = w["kd_weight"] * terms["loss"] / max(n_targets, 1)
-            if scaled.requires_grad:
+            if defer and scaled.requires_grad:
+                grads = torch.autograd.grad(scaled, [x, *head], allow_unused=True)
+                leaf_grad[sl] = grads[0]
+                for acc, g in zip(head_grads, grads[1:]):
+                    if g is not None:
+                        acc += g
+            elif scaled.requires_grad:
                 scaled.backward()
             for k in sums:
                 sums[k] += float(terms[k].detach())
-        return sums, leaf.grad
+        return sums, (leaf_grad if defer else leaf.grad), list(zip(head, head_grads))
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         return self.projection(h) if self.projection is not None else h

@@ -9,6 +9,7 @@ normalisation are described in kdforge/distill/trainer.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -46,6 +47,18 @@ class LoraSettings(StageConfig):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
+class DistributedSettings(StageConfig):
+    """How `kdforge distill` uses the processes of `torchrun` / `accelerate launch` (docs/distributed.md)."""
+
+    strategy: Literal["auto", "none", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="ddp: every rank holds the whole student; fsdp: FSDP2, each rank 1/N of its weights, "
+        "gradients and optimizer state; auto: fsdp when an accelerate config asks for it, else ddp; one process "
+        "never wraps")
+    teacher: Literal["auto", "shard", "replicate"] = Field(
+        "auto", description="a live teacher: shard (FSDP2 forward-only, 1/N per rank) or replicate (a whole copy "
+        "per rank); auto: shard under fsdp, replicate under ddp")
+
+
 class DistillConfig(StageConfig):
     """`kdforge distill`: train the student on teacher answers, from a live teacher or a soft-label cache."""
 
@@ -76,6 +89,9 @@ class DistillConfig(StageConfig):
     max_steps: int = Field(200, gt=0, description="optimizer steps")
     batch_size: int = Field(4, gt=0, description="conversations per micro-batch")
     grad_accum: int = Field(1, gt=0)
+    global_batch_size: int | None = Field(None, gt=0, description="conversations per optimizer step over all "
+                                          "processes (batch_size x grad_accum x world size): sets grad_accum "
+                                          "for the world size the run has, so a resume at another one is exact")
     lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
@@ -100,6 +116,7 @@ class DistillConfig(StageConfig):
     tensorboard: bool = False
     seed: int = 0
     device: str = "auto"
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
@@ -119,6 +136,9 @@ class DistillConfig(StageConfig):
             raise ValueError(f"category_weights must be >= 0, got {bad}")
         if self.labels and (self.attention_loss != "none" or self.preset == "two_stage"):
             raise ValueError("attention-map alignment needs a live teacher; the soft-label cache holds no attention")
+        if self.global_batch_size is not None and self.global_batch_size % self.batch_size:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of batch_size "
+                             f"{self.batch_size}")
         if self.preset == "two_stage":
             # Stage 1 (first half): hidden states only. Stage 2: KL (+ CE) and attention maps.
             half = Schedule(kind="step", values=[1.0, 0.0], boundaries=[0.5])
@@ -148,7 +168,7 @@ FILES = {"log": LOG_NAME}  # this stage's layout (meta.json "files"); the HF mod
 # Resuming continues the optimisation from a checkpoint: only settings that change bookkeeping may
 # differ (logging, validation, checkpointing, where it runs); any other, a new field included, must match.
 MAY_CHANGE = frozenset({"log_every", "eval_every", "val_limit", "save_every", "keep_checkpoints", "tensorboard",
-                        "out", "device"})
+                        "out", "device", "distributed"})
 
 
 def _prepare_out(cfg: DistillConfig, overwrite: bool, resume: bool) -> Path | None:
@@ -196,21 +216,53 @@ class _Training:
     start_step: int
     consumed: int
     log_path: Path
+    par: Any                       # kdforge.distill.parallel.Parallel: this rank's place in the run
+    root: Any                      # the student as trained (TargetHidden, maybe DDP/FSDP2-wrapped)
+    micro_per_step: int            # micro-batches per optimizer step over all ranks (accumulation x world)
 
 
 def run(cfg: DistillConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    from kdforge import distributed
+
     t0 = time.time()
-    with removed_if_unstarted(cfg.out):
+    with removed_if_unstarted(cfg.out) if distributed.is_main() else contextlib.nullcontext():
         t = _setup(cfg, overwrite, resume)
         total_targets = _loop(t)
         return _finish(t, total_targets, t0)
 
 
+def _parallel(cfg: DistillConfig):
+    """This rank's Parallel, and micro-batches per optimizer step over all ranks."""
+    from kdforge import distributed
+    from kdforge.distill.parallel import current
+
+    par = current(cfg.distributed.strategy)
+    if par.strategy == "deepspeed":
+        raise ConfigError("distributed.strategy deepspeed is not supported yet: use fsdp (FSDP2 shards weights, "
+                          "gradients and optimizer state like ZeRO-3) or ddp; see docs/distributed.md")
+    if par.strategy == "fsdp" and cfg.method == "lora":
+        raise ConfigError("method lora with distributed.strategy fsdp is not supported: use ddp for LoRA "
+                          "(the base weights are frozen, only the adapters are all-reduced)")
+    world = distributed.world_size()
+    if cfg.global_batch_size is None:
+        accum = cfg.grad_accum
+    else:
+        per_step = cfg.global_batch_size // cfg.batch_size  # micro-batches per step, over all ranks
+        if per_step % world:
+            raise ConfigError(f"global_batch_size {cfg.global_batch_size} = {per_step} micro-batches of "
+                              f"{cfg.batch_size}, which {world} processes cannot share evenly; choose a world size "
+                              "that divides it, or another batch_size")
+        accum = per_step // world
+    return par, accum * world
+
+
 def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
     import torch
 
+    from kdforge import distributed
     from kdforge.data.formats import load_training_data, select_split
-    from kdforge.distill.checkpoint import load_checkpoint, set_rng_states
+    from kdforge.distill.checkpoint import is_sharded, load_checkpoint, load_sharded_checkpoint, set_rng_states
+    from kdforge.distill.parallel import TargetHidden
     from kdforge.distill.sampler import MicroBatchSampler
     from kdforge.distill.trainer import (
         Distiller,
@@ -230,12 +282,14 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
         return_freed_memory_to_os()
     # Validate data before loading any model: a bad file must fail in seconds.
     convs = load_training_data(cfg.data)
-    resume_from = _prepare_out(cfg, overwrite, resume)
+    par, micro_per_step = _parallel(cfg)
+    device = distributed.init(cfg.device)  # joins the launcher's process group (several processes)
+    resume_from = distributed.on_main(_prepare_out, cfg, overwrite, resume)
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     cache = SoftLabelCache(cfg.labels) if cfg.labels else None  # checks every shard before any model loads
-    student, tok = load_model(cfg.student, cfg.device, dtype="float32", trust_remote_code=cfg.trust_remote_code)
-    teacher, vocab, row_of = _teacher_signal(cfg, cache, student, tok)
+    student, tok = load_model(cfg.student, device, dtype="float32", trust_remote_code=cfg.trust_remote_code)
+    teacher, vocab, row_of = _teacher_signal(cfg, cache, student, tok, device, par)
     if cfg.attention_loss != "none":
         student.set_attn_implementation("eager")
 
@@ -267,37 +321,62 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
     module, params = prepare_trainable(student, cfg.lora if cfg.method == "lora" else None, cfg.freeze)
     module.train()
     all_params = params + (list(projection.parameters()) if projection is not None else [])
-    opt = torch.optim.AdamW(all_params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=True)
+    root = TargetHidden(module, projection)
+    if par.active:
+        # DDP / FSDP2 wrap the module the trainer calls; FSDP2 swaps in sharded parameters, so the
+        # optimizer is built on the wrapped module's. DDP has already made every rank's weights rank 0's.
+        root = par.wrap_student(root)
+        all_params = [p for p in root.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(all_params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+                            **({"foreach": True} if par.shards else {"fused": True}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(
         s, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule, cfg.min_lr_ratio))
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else None
-    distiller = Distiller(cfg.objective(), teacher, module, vocab, layer_map, projection, autocast)
+    distiller = Distiller(cfg.objective(), teacher, module, vocab, layer_map, projection, autocast, par, root)
     sampler = MicroBatchSampler([len(e.input_ids) for e in data], [c.category for c in kept], cfg.batch_size,
                                 cfg.seed, cfg.category_weights)
 
     start_step, consumed = 0, 0
     log_path = out / LOG_NAME
     if resume_from is not None:
-        state, extra = load_checkpoint(resume_from, module)
-        opt.load_state_dict(extra["optimizer"])
+        if is_sharded(resume_from):
+            state, extra = load_sharded_checkpoint(resume_from, root, opt)
+        elif par.active:
+            raise ConfigError(f"{resume_from} was written by a one-process run: resume it in one process (the "
+                              "checkpoints it writes from then on resume at any world size only when written "
+                              "by a parallel run)")
+        else:
+            state, extra = load_checkpoint(resume_from, module)
+            opt.load_state_dict(extra["optimizer"])
+            if projection is not None:
+                projection.load_state_dict(extra["projection"])
         sched.load_state_dict(extra["scheduler"])
-        if projection is not None:
-            projection.load_state_dict(extra["projection"])
         start_step, consumed = state["step"], state["consumed_micro_batches"]
-        _truncate_log(log_path, start_step)
+        was = state.get("micro_batches_per_step", micro_per_step)
+        if was != micro_per_step:
+            raise ConfigError(f"{resume_from} trained {was} micro-batches per step, this run would train "
+                              f"{micro_per_step} ({distributed.world_size()} processes): set global_batch_size "
+                              f"to {was * cfg.batch_size} to resume at this world size")
+        if distributed.is_main():
+            _truncate_log(log_path, start_step)
+            print(f"[kdforge] resuming {out} from step {start_step}", flush=True)
         set_rng_states(extra["rng"])
-        print(f"[kdforge] resuming {out} from step {start_step}", flush=True)
-    else:
+    elif distributed.is_main():
         write_config(out, dump(cfg))
+    if par.active and distributed.is_main():
+        print(f"[kdforge] {par.strategy} over {par.world} processes: global batch "
+              f"{micro_per_step * cfg.batch_size} = batch_size {cfg.batch_size} x grad_accum "
+              f"{micro_per_step // par.world} x world {par.world}", flush=True)
     val_batches = [make_batch(val_data[i:i + cfg.batch_size], val_rows[i:i + cfg.batch_size] if val_rows else None,
                               tok.pad_token_id) for i in range(0, len(val_data), cfg.batch_size)]
     return _Training(cfg, out, tok, module, all_params, projection, opt, sched, distiller,
                      sampler.stream(skip=consumed), data, rows, val_batches, layer_map,
-                     sampler.batches_per_epoch() / cfg.grad_accum, start_step, consumed, log_path)
+                     sampler.batches_per_epoch() / micro_per_step, start_step, consumed, log_path,
+                     par, root, micro_per_step)
 
 
-def _teacher_signal(cfg: DistillConfig, cache, student, tok):
+def _teacher_signal(cfg: DistillConfig, cache, student, tok, device, par):
     """(teacher signal source, shared vocabulary size, cache row of each conversation id or None)."""
     from kdforge.data.batching import shared_vocab_size
     from kdforge.data.formats import data_file
@@ -312,40 +391,43 @@ def _teacher_signal(cfg: DistillConfig, cache, student, tok):
             raise ConfigError(f"the cache was labelled with max_length {cache.manifest.max_length}; "
                               f"set distill.max_length to the same (now {cfg.max_length})")
         return CachedTeacher(cache), shared_vocab_size(tok, student), cache.rows()
-    teacher_model, teacher_tok = load_model(cfg.teacher, cfg.device, trust_remote_code=cfg.trust_remote_code)
+    teacher_model, teacher_tok = load_model(cfg.teacher, device, trust_remote_code=cfg.trust_remote_code)
     check_same_tokenizer(teacher_tok, tok)
     vocab = shared_vocab_size(tok, teacher_model, student)
     if cfg.attention_loss != "none":
         # Attention probabilities are only materialised by the eager implementation.
         teacher_model.set_attn_implementation("eager")
-    return LiveTeacher(teacher_model, vocab), vocab, None
+    shard = cfg.distributed.teacher == "shard" or (cfg.distributed.teacher == "auto" and par.shards)
+    return LiveTeacher(teacher_model, vocab, wrap=lambda m: par.wrap_teacher(m, shard)), vocab, None
 
 
 def _loop(t: _Training) -> int:
     """Optimizer steps from ``t.start_step`` to the end; returns the target tokens trained on."""
-    import torch
     from tqdm import tqdm
 
-    from kdforge.distill.checkpoint import save_checkpoint
+    from kdforge import distributed
+    from kdforge.distill.checkpoint import save_checkpoint, save_sharded_checkpoint
     from kdforge.distill.schedules import Progress
-    from kdforge.distill.trainer import make_batch
+    from kdforge.distill.trainer import make_batch, step_totals
 
-    cfg = t.cfg
-    writer = _tensorboard(t.out) if cfg.tensorboard else None
-    bar = tqdm(total=cfg.max_steps, initial=t.start_step, desc="distill", unit="step", dynamic_ncols=True)
+    cfg, par, main = t.cfg, t.par, distributed.is_main()
+    writer = _tensorboard(t.out) if cfg.tensorboard and main else None
+    bar = tqdm(total=cfg.max_steps, initial=t.start_step, desc="distill", unit="step", dynamic_ncols=True,
+               disable=not main)
     window: dict[str, float] = {}
     total_targets = 0
     for step in range(t.start_step, cfg.max_steps):
         ts = time.time()
         progress = Progress(step, cfg.max_steps, t.steps_per_epoch)
+        # The step's global micro-batches, the same list on every rank; each rank trains its share.
         micro = []
-        for _ in range(cfg.grad_accum):
+        for _ in range(t.micro_per_step):
             _epoch, idx = next(t.stream)
             micro.append(make_batch([t.data[i] for i in idx], [t.rows[i] for i in idx] if t.rows else None,
-                                t.tok.pad_token_id))
-        t.consumed += cfg.grad_accum
-        r = t.distiller.step(micro, progress)
-        grad_norm = torch.nn.utils.clip_grad_norm_(t.params, cfg.max_grad_norm)
+                                    t.tok.pad_token_id))
+        t.consumed += t.micro_per_step
+        r = t.distiller.step(par.mine(micro), progress, step_totals(micro))
+        grad_norm = par.clip_grad_norm(t.params, cfg.max_grad_norm)
         t.opt.step()
         t.sched.step()
         t.opt.zero_grad(set_to_none=True)
@@ -358,7 +440,7 @@ def _loop(t: _Training) -> int:
         last = step + 1 == cfg.max_steps
         row: dict[str, Any] = {}
         if (step + 1) % cfg.log_every == 0 or last:
-            row = _log_row(step, progress, t.sched.get_last_lr()[0], r, float(grad_norm), window)
+            row = _log_row(step, progress, t.sched.get_last_lr()[0], r, grad_norm, window)
             window = {}
             bar.set_postfix(loss=f"{row['loss']:.3f}", soft=f"{row['soft']:.3f}",
                             tok_s=f"{row['target_tokens_per_s']:.0f}")
@@ -366,17 +448,23 @@ def _loop(t: _Training) -> int:
             t.module.eval()
             row = (row or {"step": step + 1}) | t.distiller.evaluate(t.val_batches)
             t.module.train()
-        if row:
+        if row and main:
             append_lines(t.log_path, [json.dumps(row)])
             if writer is not None:
                 for k, v in row.items():
                     if k != "step":
                         writer.add_scalar(f"distill/{k}", v, row["step"])
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-            save_checkpoint(t.out, step + 1, {"consumed_micro_batches": t.consumed}, t.module,
-                            {"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(),
-                             "projection": t.projection.state_dict() if t.projection is not None else None},
-                            cfg.keep_checkpoints)
+            state = {"consumed_micro_batches": t.consumed, "micro_batches_per_step": t.micro_per_step,
+                     "world_size": par.world}
+            if par.active:
+                save_sharded_checkpoint(t.out, step + 1, state, t.root, t.opt,
+                                        {"scheduler": t.sched.state_dict()}, cfg.keep_checkpoints)
+            else:
+                save_checkpoint(t.out, step + 1, state, t.module,
+                                {"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(),
+                                 "projection": t.projection.state_dict() if t.projection is not None else None},
+                                cfg.keep_checkpoints)
     bar.close()
     if writer is not None:
         writer.close()
@@ -396,8 +484,15 @@ def _log_row(step: int, progress, lr: float, r: dict[str, float], grad_norm: flo
 
 
 def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
-    """Save the trained student as an HF folder (LoRA merged, training switches undone), then meta.json."""
+    """Save the trained student as an HF folder (LoRA merged, training switches undone), then meta.json.
+    In a parallel run rank 0 writes it (under FSDP2 from the gathered full state dict)."""
+    from kdforge import distributed
+
     cfg = t.cfg
+    state = t.par.full_state_dict(t.root) if t.par.shards else None  # a collective: every rank takes part
+    if not distributed.is_main():
+        distributed.finish()
+        return {}
     final = t.module.merge_and_unload() if cfg.method == "lora" else t.module
     final.eval()
     if t.distiller.tied_embedding is not None:
@@ -407,22 +502,28 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
         final.config.use_cache = True
     if cfg.attention_loss != "none":
         final.set_attn_implementation("sdpa")
-    _save_final(t.out, final, t.tok)
+    if state is not None:
+        # TargetHidden's keys: "model." + the student's own names; the alignment projection is not shipped.
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    _save_final(t.out, final, t.tok, state)
     wall = time.time() - t0
     last = _read_log(t.log_path)
     metrics = {"steps": cfg.max_steps, "target_tokens_this_run": total_targets, "train_examples": len(t.data),
+               "global_batch_size": t.micro_per_step * cfg.batch_size, "world_size": t.par.world,
                "final": last[-1] if last else {}, "wall_time_s": round(wall, 1)}
-    extra = {"layer_map": {str(k): v for k, v in t.layer_map.items()}}
+    extra = {"layer_map": {str(k): v for k, v in t.layer_map.items()}, "strategy": t.par.strategy}
     write_meta(t.out, "distill", {"teacher": _existing(cfg.teacher) if cfg.teacher else None,
                                   "student": cfg.student, "data": cfg.data, "labels": cfg.labels},
                metrics, wall, extra=extra, files=FILES)
+    distributed.finish()
     return metrics
 
 
-def _save_final(out: Path, model, tok) -> None:
-    """Write the HF folder into ``out`` (beside checkpoints/ and the log), each file atomically."""
+def _save_final(out: Path, model, tok, state: dict | None = None) -> None:
+    """Write the HF folder into ``out`` (beside checkpoints/ and the log), each file atomically.
+    ``state``: the full state dict to write instead of the model's own (FSDP2's parameters are shards)."""
     with atomic_files(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
         tok.save_pretrained(tmp)
 
 

@@ -1,0 +1,172 @@
+"""Data-parallel and sharded training on torch's own engines: DDP and FSDP2 (`fully_shard`).
+
+kdforge launches nothing itself: under `torchrun` or `accelerate launch` every rank runs the same
+`kdforge distill`, joins the process group (kdforge.distributed.init) and wraps its modules here.
+
+What is wrapped. The trainer never calls the student's `forward` (that would project all (B, T, V)
+logits); it runs the decoder, gathers the target positions and projects those in chunks. DDP and
+FSDP2 hook a module's `forward`, so the module they wrap is `TargetHidden`: the student plus the
+optional hidden-alignment projection, whose forward is exactly what a micro-batch needs. Under
+FSDP2 each decoder layer is its own shard unit and `TargetHidden` is the root (embeddings, final
+norm and output projection stay gathered from the root's forward until its backward, so the
+chunked output projection can use them in between).
+
+Why the head's gradient is deferred. A micro-batch's loss is back-propagated in pieces: each chunk of
+target positions through the output projection, then the decoder once. DDP's reducer allows one
+gradient per parameter per backward pass, so in a parallel run each chunk's gradient for the output
+projection is taken with `torch.autograd.grad` (no hooks fire) and summed, and the one backward
+pass of the micro-batch carries it in as `sum(W * dW)`. One process keeps the plain per-chunk
+`backward` (the pinned numbers were produced by it).
+
+Equal to one process. Rank r takes micro-batches r, r+N, ... of a step's global list, every term is
+normalised by the token counts of the whole global step (known on every rank from the labels), and
+the loss is multiplied by N because DDP and FSDP2 average gradients over ranks. Only the last
+micro-batch of a step synchronises gradients (no_sync / set_requires_gradient_sync before it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from kdforge import distributed
+from kdforge.models.forward import target_hidden
+
+Strategy = Literal["none", "ddp", "fsdp"]
+
+
+class TargetHidden(torch.nn.Module):
+    """The student as the trainer runs it: final hidden states at the target positions, (N, H), and the
+    target ids, (N,); with ``targets=False`` only the decoder runs (hidden/attention alignment alone)."""
+
+    def __init__(self, model: torch.nn.Module, projection: torch.nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.projection = projection  # student width -> teacher width for hidden alignment; None if equal
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                pack_length: int | None = None, targets: bool = True):
+        if targets:
+            return target_hidden(self.model, input_ids, attention_mask, labels, pack_length)
+        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+@dataclass
+class Parallel:
+    """How this rank trains: the strategy, its rank and the world size (one process: strategy none)."""
+
+    strategy: Strategy = "none"
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.strategy != "none"
+
+    @property
+    def shards(self) -> bool:
+        return self.strategy == "fsdp"
+
+    def mine(self, items: list) -> list:
+        """This rank's share of a step's global micro-batch list."""
+        return items[self.rank::self.world] if self.active else items
+
+    # -- wrapping -------------------------------------------------------------------------------------
+
+    def wrap_student(self, root: TargetHidden) -> torch.nn.Module:
+        """The module the trainer calls and the optimizer sees (call before building the optimizer:
+        FSDP2 replaces the parameters with sharded DTensors)."""
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            device = next(root.parameters()).device
+            # find_unused_parameters=False: the deferred head gradient is not reachable from the forward's
+            # output, and a traversal would mark it unused; the trainer sends every parameter a gradient.
+            return DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None)
+        if self.strategy == "fsdp":
+            _fully_shard_layers(root.model)
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(root)
+        return root
+
+    def wrap_teacher(self, root: torch.nn.Module, shard: bool) -> torch.nn.Module:
+        """A frozen teacher: each rank holds 1/N of its layers (FSDP2, forward only) when ``shard``."""
+        if self.active and shard:
+            from torch.distributed.fsdp import fully_shard
+
+            _fully_shard_layers(root.model)
+            fully_shard(root)
+        return root
+
+    def sync(self, module: torch.nn.Module, last: bool):
+        """Context for one micro-batch: gradients are reduced across ranks only on the step's last one."""
+        if self.strategy == "ddp" and not last:
+            return module.no_sync()
+        if self.strategy == "fsdp":
+            module.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    # -- reductions -----------------------------------------------------------------------------------
+
+    def sum_floats(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value summed over ranks (the step's terms: every rank holds its micro-batches' share)."""
+        if not self.active:
+            return values
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return dict(zip(keys, t.tolist()))
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor; its full value is the global norm
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    def full_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The unsharded state dict on rank 0 (CPU tensors), {} on the others; a collective under FSDP."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if not self.shards:
+            inner = module.module if self.strategy == "ddp" else module
+            return inner.state_dict() if self.rank == 0 else {}
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _fully_shard_layers(model: torch.nn.Module) -> None:
+    """One FSDP2 unit per decoder layer (the usual transformer wrapping policy)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.get_decoder().layers:
+        fully_shard(layer)
+
+
+def resolve(strategy: str, world: int) -> Strategy:
+    """The strategy this run uses: "auto" is FSDP when an accelerate config asked for it, else DDP when
+    launched with several processes; one process never wraps (nothing to synchronise)."""
+    import os
+
+    if world <= 1:
+        return "none"
+    if strategy == "auto":
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            return "deepspeed"  # type: ignore[return-value]  # refused by the caller with a clear message
+        return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "ddp"
+    return strategy  # type: ignore[return-value]
+
+
+def current(strategy: str) -> Parallel:
+    return Parallel(resolve(strategy, distributed.world_size()), distributed.rank(), distributed.world_size())
+
+
+def unwrap(module: Any) -> Any:
+    """The TargetHidden (or teacher root) inside a DDP wrapper; FSDP2 keeps the module itself."""
+    return module.module if hasattr(module, "module") and not isinstance(module, TargetHidden) else module
