@@ -1,6 +1,7 @@
 """The pipeline's stages, one module each, in flow order: the folder list is the pipeline.
 
     generate -> label -> student -> distill -> export (+ quantize) -> eval -> serve (+ app, chat)
+    plan: the memory every stage needs per device, from config.json files alone (not a step of a run)
     demo: the whole path on the embedded teacher, as one shipped run file (stages/demo.yaml)
 
 Each module declares its config type(s), a ``run(cfg, ...)`` and a :class:`Stage` per subcommand;
@@ -20,7 +21,7 @@ from typing import Any
 from kdforge.config import ConfigError, StageConfig, build_config, read_run_file
 
 # Stage modules in flow order; a module may declare several subcommands (export: export, quantize).
-MODULES = ("generate", "label", "student", "distill", "export", "eval", "serve", "demo")
+MODULES = ("generate", "label", "student", "distill", "export", "eval", "serve", "plan", "demo")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Stage:
     flags: tuple[str, ...] = ()
     aliases: dict[str, str] = field(default_factory=dict)
     options: dict[str, str] = field(default_factory=dict)
-    pipeline: bool = True  # a step of `kdforge run` (writes one artifact folder); False: serve, app, chat, demo
+    pipeline: bool = True  # a step of `kdforge run` (writes one artifact folder); False: serve, app, chat, plan, demo
     config_files: tuple[Callable[[], Any], ...] = ()  # YAML files read before --config ones (demo: its run file)
     takes_overrides: bool = False  # run() receives the --set items (demo hands them to its stages)
 

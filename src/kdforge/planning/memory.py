@@ -1,0 +1,260 @@
+"""The byte formulas, one per component of a device's memory; docs/distributed.md states each one.
+
+Sizes are decimal (1 GB = 10^9 bytes), as model cards and the "80GB" of a GPU's name count them.
+Every formula is per device; ``shards`` is the number of devices a strategy spreads a quantity over.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from kdforge.errors import UserError
+from kdforge.planning.architecture import Architecture
+
+GB = 10**9
+
+# Bytes per weight of a linear projection, by precision. int8 and 4-bit are bitsandbytes' (LLM.int8 and
+# NF4 with double quantisation, blocks of 64, as `kdforge quantize` and a 4-bit teacher load them):
+# NF4 adds one 8-bit absmax per block of 64 and one fp32 scale per 256 blocks. Embeddings, the output
+# head, norms and biases stay in 16 bits under both (transformers keeps the head unquantised).
+LINEAR_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
+INT8_ROW_SCALE = 4  # LLM.int8: one fp32 scale per output row
+TEACHER_PRECISIONS = {"gpu": ("bf16", "int8", "nf4"), "cpu": ("fp32", "bf16")}
+
+# Full training with AdamW, per trainable parameter, before any sharding: what kdforge's trainer holds
+# (fp32 parameters under bf16 autocast, fp32 gradients, two fp32 moments). DeepSpeed's bf16 optimizer
+# splits the same 16 bytes as 2 (bf16 weights) + 2 (bf16 grads) + 4 (fp32 master) + 8 (moments).
+STATE_BYTES = {"weights": 4, "gradients": 4, "adam": 8}
+COMPUTE_COPY = 2     # bf16 casts of the weights that autocast keeps for the backward pass (replicated strategies)
+DDP_BUCKETS = 4      # DDP copies the fp32 gradients into its all-reduce buckets (gradient_as_bucket_view=False)
+ZERO3_MAX_LIVE = 10**9  # DeepSpeed stage3_max_live_parameters (its default)
+# (chunk, V) buffers of the chunked loss, per position and vocabulary entry: the student's logits and
+# their fp32 copy, log-probabilities and gradient; 16 bytes covers bf16 on GPU and fp32 on CPU.
+LOGIT_CHUNK_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Hardware:
+    kind: str           # "gpu" or "cpu" (host memory only)
+    count: int          # devices (1 for cpu)
+    memory: int         # bytes per device
+    host_memory: int | None = None
+
+    @property
+    def reserve(self) -> int:
+        """Kept free: the CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation on a GPU (5%,
+        at least 1 GB); the OS, Python and torch themselves on a CPU (10%, at least 2 GB)."""
+        if self.kind == "cpu":
+            return max(2 * GB, self.memory // 10)
+        return max(GB, self.memory // 20)
+
+    @property
+    def usable(self) -> int:
+        return self.memory - self.reserve
+
+    @property
+    def host_usable(self) -> int | None:
+        """Host memory for offloaded state, where it was given (the same reserve as a CPU's)."""
+        return None if self.host_memory is None else self.host_memory - max(2 * GB, self.host_memory // 10)
+
+    @property
+    def unit(self) -> str:
+        return "CPU" if self.kind == "cpu" else "GPU"
+
+    def describe(self) -> str:
+        if self.kind == "cpu":
+            return f"CPU only, {fmt(self.memory)} RAM ({fmt(self.usable)} usable)"
+        return f"{self.count} GPU{'s' if self.count > 1 else ''} x {fmt(self.memory)} ({fmt(self.usable)} usable each)"
+
+
+_MEM_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?)b?|(b))\s*", re.IGNORECASE)
+_POWER = {"k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_memory(text: str, flag: str = "--device-memory") -> int:
+    """``80GB``, ``80G``, ``24 GiB``, ``81920MiB``, ``1.5TB`` -> bytes (GB decimal, GiB binary)."""
+    m = _MEM_RE.fullmatch(str(text))
+    if not m:
+        raise UserError(f"{flag} {text!r}: expected a size with its unit, e.g. 80GB, 24GiB or 81920MiB")
+    number, prefix, binary, _ = m.groups()
+    scale = 1 if prefix is None else (1024 if binary else 1000) ** _POWER[prefix.lower()]
+    value = int(float(number) * scale)
+    if value < 10**8:
+        raise UserError(f"{flag} {text!r}: under 0.1 GB; give the size with its unit, e.g. 80GB")
+    return value
+
+
+def parse_devices(text: str) -> tuple[str, int]:
+    """``8`` -> ("gpu", 8); ``cpu`` -> ("cpu", 1)."""
+    t = str(text).strip().lower()
+    if t == "cpu":
+        return "cpu", 1
+    if not t.isdigit():
+        raise UserError(f"--devices {text!r}: expected a number of GPUs (e.g. 8) or 'cpu'")
+    if int(t) < 1:
+        raise UserError(f"--devices {text}: need at least one GPU; for host memory only, use --devices cpu")
+    return "gpu", int(t)
+
+
+def fmt(n: float) -> str:
+    """Bytes as GB with one decimal (MB under 1 GB)."""
+    return f"{n / GB:.1f} GB" if n >= GB else f"{n / 10**6:.0f} MB"
+
+
+# --- weights -------------------------------------------------------------------------------------------
+
+def _other_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def layer_weight_bytes(arch: Architecture, precision: str) -> int:
+    """One decoder layer's weights at ``precision``."""
+    n = arch.layer_linear * LINEAR_BYTES[precision] + arch.layer_other * _other_bytes(precision)
+    if precision == "int8":
+        n += arch.layer_rows * INT8_ROW_SCALE
+    return math.ceil(n)
+
+
+def edge_weight_bytes(arch: Architecture, precision: str) -> tuple[int, int]:
+    """(embedding, output head + final norm) bytes: never quantised."""
+    b = _other_bytes(precision)
+    return arch.embedding * b, (arch.head + arch.hidden_size) * b
+
+
+def weight_bytes(arch: Architecture, precision: str) -> int:
+    emb, head = edge_weight_bytes(arch, precision)
+    return arch.num_hidden_layers * layer_weight_bytes(arch, precision) + emb + head
+
+
+def mapped_weight_bytes(arch: Architecture, precision: str, n: int) -> int:
+    """The most any one of ``n`` devices holds when the model is mapped across them by layers (a
+    ``device_map``): its share of the layers, rounded up, plus the embedding or the head, whichever is
+    larger (they sit on the first and last device)."""
+    if n <= 1:
+        return weight_bytes(arch, precision)
+    emb, head = edge_weight_bytes(arch, precision)
+    return math.ceil(arch.num_hidden_layers / n) * layer_weight_bytes(arch, precision) + max(emb, head)
+
+
+def mapped_layers(arch: Architecture, n: int) -> int:
+    return math.ceil(arch.num_hidden_layers / max(n, 1))
+
+
+def largest_unit(arch: Architecture) -> int:
+    """Parameters of the largest unit a sharded strategy gathers at once: a decoder layer, the embedding
+    or the untied head."""
+    return max(arch.layer_params, arch.embedding, arch.head)
+
+
+# --- training state ------------------------------------------------------------------------------------
+
+def training_state(params: int, shards: int = 1) -> dict[str, int]:
+    """fp32 weights, fp32 gradients and the two AdamW moments of full training, split over ``shards``."""
+    return {k: math.ceil(params * b / shards) for k, b in STATE_BYTES.items()}
+
+
+def fsdp_gathered(arch: Architecture) -> int:
+    """FSDP (full shard, bf16 compute): two units' parameters unsharded in bf16 (the one computing and the
+    one prefetched) and one unit's gradient in fp32 before its reduce-scatter."""
+    u = largest_unit(arch)
+    return 2 * u * 2 + u * 4
+
+
+def zero3_gathered(arch: Architecture) -> int:
+    """ZeRO-3: the parameters gathered at once, capped at stage3_max_live_parameters (bf16), and one unit's
+    bf16 gradient in the reduce bucket."""
+    u = largest_unit(arch)
+    return min(2 * u, ZERO3_MAX_LIVE) * 2 + u * 2
+
+
+# --- activations ---------------------------------------------------------------------------------------
+
+def layer_activation_elements(arch: Architecture) -> int:
+    """Values one decoder layer saves for the backward pass, per token (Korthikanti et al. 2022's count of
+    saved tensors, for a Llama-layout block: RMSNorm, grouped-query attention through SDPA/flash, which
+    saves no (s, s) scores, a SwiGLU MLP, no dropout).
+
+    attention: norm input h, q/k/v input h, q, k, v (q_dim + 2 kv_dim), o input q_dim
+    MLP:       norm input h, gate/up input h, gate, up, SiLU(gate), down input (4 intermediate)
+    """
+    return 4 * arch.hidden_size + 2 * arch.q_dim + 2 * arch.kv_dim + 4 * arch.intermediate_size
+
+
+def activation_bytes(arch: Architecture, tokens: int, checkpointing: bool, elem: int) -> int:
+    """A training micro-batch of ``tokens`` tokens: every layer's saved tensors, or with activation
+    checkpointing each layer's input plus one layer's tensors recomputed during its backward; plus the
+    final norm's input and output."""
+    per_layer = tokens * layer_activation_elements(arch) * elem
+    top = 2 * tokens * arch.hidden_size * elem
+    if checkpointing:
+        return arch.num_hidden_layers * tokens * arch.hidden_size * elem + per_layer + top
+    return arch.num_hidden_layers * per_layer + top
+
+
+def logits_chunk_bytes(arch: Architecture, targets: int, chunk_size: int) -> int:
+    """The chunked loss's (chunk, V) buffers: only ``chunk_size`` target positions are projected at once."""
+    return min(chunk_size, max(targets, 1)) * arch.vocab_size * LOGIT_CHUNK_BYTES
+
+
+# --- inference (teacher) -------------------------------------------------------------------------------
+
+def kv_cache_bytes(arch: Architecture, tokens: int, batch: int, elem: int, layers: int | None = None) -> int:
+    """2 (K and V) x layers x kv_heads x head_dim x bytes x tokens x batch."""
+    n = arch.num_hidden_layers if layers is None else layers
+    return 2 * n * arch.num_key_value_heads * arch.head_dim * elem * tokens * batch
+
+
+def forward_working_bytes(arch: Architecture, tokens: int, elem: int) -> int:
+    """A no-grad forward's largest live set, one layer at a time: the residual stream and the normed input,
+    plus the attention's q, k, v and output or the MLP's gate, up and product, whichever is larger."""
+    inner = max(2 * arch.q_dim + 2 * arch.kv_dim, 3 * arch.intermediate_size)
+    return tokens * (2 * arch.hidden_size + inner) * elem
+
+
+def label_logits_bytes(arch: Architecture, targets: int, elem: int) -> int:
+    """The label stage's logits at the target positions, their fp32 copy divided by T and the log-softmax."""
+    return targets * arch.vocab_size * (elem + 4 + 4)
+
+
+def sampling_logits_bytes(arch: Architecture, batch: int) -> int:
+    """Generation projects the last position only; the sampler works on fp32 copies (logits, probabilities)."""
+    return batch * arch.vocab_size * 4 * 2
+
+
+# --- the label cache on disk ---------------------------------------------------------------------------
+
+def id_bytes(vocab_size: int) -> int:
+    """Token ids in the cache: uint16 up to 65,536 tokens, else int32 (softlabels/format.py)."""
+    return 2 if vocab_size <= 65536 else 4
+
+
+def bytes_per_target(k: int, vocab_size: int) -> int:
+    """softlabels/format.py's per-target-token record: top-1 log-prob (fp16), k ids, k-1 uint8 codes of the
+    other log-probs, tail mass (fp16)."""
+    return 2 + k * id_bytes(vocab_size) + (k - 1) + 2
+
+
+def label_cache_bytes(arch: Architecture, targets: int, tokens: int, examples: int, k: int,
+                      hidden_layers: int = 0) -> int:
+    """Shards' bytes: the per-target records, int64 example offsets, and fp16 hidden states of every token
+    for each kept teacher layer (with their own int64 offsets)."""
+    n = targets * bytes_per_target(k, arch.vocab_size) + 8 * (examples + 1)
+    if hidden_layers:
+        n += hidden_layers * tokens * arch.hidden_size * 2 + 8 * (examples + 1)
+    return n
+
+
+def max_batch(need, usable: int, limit: int = 4096) -> int:
+    """The largest batch b <= limit with need(b) <= usable (need grows with b); 0 when not even 1 fits."""
+    if need(1) > usable:
+        return 0
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if need(mid) <= usable:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
