@@ -505,6 +505,10 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
     if state is not None:
         # TargetHidden's keys: "model." + the student's own names; the alignment projection is not shipped.
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        # A tied weight appears under each of its names; the HF folder keeps the first (as save_pretrained does).
+        first = {n for n, _ in final.named_parameters()}
+        state = {k: v for k, v in state.items()
+                 if k in first or k not in {n for n, _ in final.named_parameters(remove_duplicate=False)}}
     _save_final(t.out, final, t.tok, state)
     wall = time.time() - t0
     last = _read_log(t.log_path)
