@@ -182,3 +182,18 @@ def test_resume_at_another_world_size_needs_the_same_global_batch(setup, capsys)
 def _with_out(args: list[str], out: Path) -> list[str]:
     i = args.index("--out")
     return [*args[:i + 1], str(out), *args[i + 2:]]
+
+
+def test_accelerate_launch_with_an_fsdp_config_runs_fsdp(setup):
+    """`accelerate launch --use_fsdp --fsdp_version 2`: strategy auto reads accelerate's choice; same losses."""
+    root, paths = setup
+    ref = _one_process(setup, "llama", "cache", 4)
+    out = root / "accelerate-fsdp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "kdforge.cli",
+           *_args(paths, "llama", "cache", out, 4)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fsdp over 2 processes" in r.stdout
+    _assert_same_run(ref, out)

@@ -123,11 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     if stage is not None and not stage.pipeline and stage.name != "demo":
         return _run(args)  # servers handle their own signals (graceful shutdown)
     with _terminate_as_exit():
-        return _run(args)
+        try:
+            return _run(args)
+        finally:
+            distributed.leave()  # under torchrun: this rank's process group, once its stages are done
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kdforge.stages import all_stages, plan_file, run_plan
+    from kdforge.stages import all_stages, plan_file, run_plan, run_stage
 
     try:
         if args.command == "run":
@@ -147,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
             kwargs["overrides"] = args.overrides
         if stage.pipeline or stage.name == "demo":
             kwargs["overwrite"] = args.overwrite
-        result = stage.run(cfg, **kwargs)
+        result = run_stage(stage, cfg, **kwargs)
         if stage.pipeline and stage.name != "eval" and distributed.is_main():  # one line per job, not per rank
             print(f"[kdforge] {stage.name} done -> {cfg.out}: {result}", flush=True)
         return result if isinstance(result, int) and not stage.pipeline else 0

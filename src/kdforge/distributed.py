@@ -144,3 +144,12 @@ def finish() -> None:
 
         dist.barrier()
         dist.destroy_process_group()
+
+
+def leave() -> None:
+    """Destroy this rank's process group, if it has one, without waiting for the others (a rank that failed
+    must not hang in a barrier; the stages' own collectives already kept the ranks in step)."""
+    if _group_ready():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()

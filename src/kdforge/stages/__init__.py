@@ -45,6 +45,18 @@ class Stage:
     pipeline: bool = True  # a step of `kdforge run` (writes one artifact folder); False: serve, app, chat, plan, demo
     config_files: tuple[Callable[[], Any], ...] = ()  # YAML files read before --config ones (demo: its run file)
     takes_overrides: bool = False  # run() receives the --set items (demo hands them to its stages)
+    parallel: bool = False  # run() shares its work between torchrun's processes; else rank 0 alone runs it
+
+
+def run_stage(stage: Stage, cfg: StageConfig, **kwargs: Any) -> Any:
+    """``stage.run(cfg, **kwargs)``; under torchrun / accelerate launch a stage that does not share its work
+    between processes runs on rank 0 while the others wait, and its result (or error) reaches every rank."""
+    from kdforge import distributed
+
+    if stage.parallel or not distributed.launched():
+        return stage.run(cfg, **kwargs)
+    distributed.init()
+    return distributed.on_main(stage.run, cfg, **kwargs)
 
 
 def all_stages() -> list[Stage]:
@@ -86,6 +98,6 @@ def run_plan(plan: list[tuple[Stage, StageConfig]], overwrite: bool = False,
     for i, (stage, cfg) in enumerate(plan, 1):
         print(f"[{tag}] {i}/{len(plan)} {stage.name} -> {cfg.out}", flush=True)
         t = time.time()
-        stage.run(cfg, overwrite=overwrite or stage.name in always_overwrite)
+        run_stage(stage, cfg, overwrite=overwrite or stage.name in always_overwrite)
         timings[stage.name] = time.time() - t
     return timings

@@ -491,7 +491,6 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
     cfg = t.cfg
     state = t.par.full_state_dict(t.root) if t.par.shards else None  # a collective: every rank takes part
     if not distributed.is_main():
-        distributed.finish()
         return {}
     final = t.module.merge_and_unload() if cfg.method == "lora" else t.module
     final.eval()
@@ -519,7 +518,6 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
     write_meta(t.out, "distill", {"teacher": _existing(cfg.teacher) if cfg.teacher else None,
                                   "student": cfg.student, "data": cfg.data, "labels": cfg.labels},
                metrics, wall, extra=extra, files=FILES)
-    distributed.finish()
     return metrics
 
 
@@ -558,4 +556,4 @@ def _read_log(path: Path) -> list[dict]:
 STAGES = (Stage("distill", "train the student on teacher answers (online teacher or a label cache)", DistillConfig,
                 run, flags=("teacher", "labels", "student", "data", "out", "max_steps", "batch_size", "lr"),
                 aliases={"max_steps": "steps"},
-                options={"resume": "continue from the last checkpoint in --out"}),)
+                options={"resume": "continue from the last checkpoint in --out"}, parallel=True),)
