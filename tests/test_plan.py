@@ -32,7 +32,7 @@ def _rows(plan, stage, **match):
     (Q72, 72.7, None, 72_706_203_648), (Q7, 7.62, 6.53, 7_615_616_512), (Q3, 3.09, 2.77, 3_085_938_688),
     (Q15, 1.54, 1.31, 1_543_714_304), (Q05, 0.49, 0.36, 494_032_768)])
 def test_known_counts_are_the_published_totals(arch, total, non_embedding, exact):
-    """The model cards' totals (72.7B, 7.62B, 3.09B, 1.54B, 0.49B) and non-embedding counts (6.53B, 2.77B,
+    """The published totals (72.7B, 7.62B, 3.09B, 1.54B, 0.49B) and the cards' non-embedding counts (6.53B, 2.77B,
     1.31B, 0.36B; the 72B card's 70.0B is not parameters minus embeddings and head, 70.2B). The exact counts
     are worked out by hand, e.g. the 7B: per layer q 3584*3584+3584, k and v 3584*512+512 each, o 3584*3584,
     MLP 3*3584*18944, norms 2*3584 = 233,057,792; x 28, + embeddings and head 2*152064*3584 + final norm 3584
@@ -144,9 +144,10 @@ def test_a_72b_bf16_teacher_fits_two_80gb_gpus_mapped_but_not_one():
 
 def test_full_adamw_of_a_7b_student_per_strategy_by_hand():
     """16 bytes a parameter (fp32 weights, fp32 gradients, two fp32 moments), sharded by the world size under
-    FSDP and ZeRO-3: 7,615,616,512 * 16 / 8 = 15,231,233,024 bytes a GPU; DDP keeps all of it, plus autocast's
-    bf16 weight copies (2 bytes) and the gradient buckets (4 bytes); ZeRO-Offload keeps bf16 weight and
-    gradient shards (4 / 8 bytes a parameter) and moves the 16 bytes to the host."""
+    FSDP and ZeRO-3: 7,615,616,512 * 16 / 8 = 15,231,233,024 bytes a GPU. DDP keeps all of it, plus its
+    gradient buckets (4 bytes a parameter); under bf16 autocast every strategy of kdforge's trainer keeps the
+    bf16 casts of the layers' weights (2 bytes each); ZeRO-Offload keeps bf16 weight and gradient shards (4 / 8 bytes a
+    parameter) and moves the 16 bytes to the host."""
     p = 7_615_616_512
     plan = make_plan(Q72, Q7, mem.Hardware("gpu", 8, 80 * GB), _workload())
     state = ("weights", "gradients", "adam")
@@ -154,26 +155,74 @@ def test_full_adamw_of_a_7b_student_per_strategy_by_hand():
         r = _rows(plan, "distill", strategy=strategy, checkpointing=True)[0]
         assert sum(r.parts[k] for k in state) == p * 16 // 8 == 15_231_233_024
     ddp = _rows(plan, "distill", strategy="ddp", checkpointing=True)[0]
-    assert sum(ddp.parts[k] for k in state) == p * 16 and ddp.parts["compute_copy"] == p * 2
+    # the bf16 casts: every layer's projection weights and q/k/v biases, 28 x 233,050,624, 2 bytes each
+    assert sum(ddp.parts[k] for k in state) == p * 16 and ddp.parts["compute_copy"] == 2 * 28 * 233_050_624
     assert ddp.parts["buckets"] == p * 4 and not ddp.fits
     off = _rows(plan, "distill", strategy="zero3-offload", checkpointing=True)[0]
     assert off.parts["weights"] + off.parts["gradients"] == p * 4 // 8 and off.host == p * 16
-    # FSDP gathers two units in bf16 plus one unit's fp32 gradient; the 7B's largest unit is its embedding
+    # FSDP2 as kdforge wraps it: the root (embeddings, untied head, final norm) unsharded with its gradient,
+    # 8 bytes each; two layers gathered and one layer's gradient, 12 bytes a layer parameter; the parallel
+    # run's fp32 buffer for the head's gradient, V x hidden x 4
     fsdp = _rows(plan, "distill", strategy="fsdp", checkpointing=True)[0]
-    assert fsdp.parts["gathered"] == 8 * 152064 * 3584
+    assert fsdp.parts["gathered"] == (2 * 152064 * 3584 + 3584) * 8 + 233_057_792 * 12
+    assert fsdp.parts["head_grad"] == ddp.parts["head_grad"] == 152064 * 3584 * 4
+    assert fsdp.parts["compute_copy"] == ddp.parts["compute_copy"]
 
 
 def test_activations_and_logits_by_hand():
-    """A 7B layer saves 4h + 2 q_dim + 2 kv_dim + 4 intermediate = 14,336 + 7,168 + 1,024 + 75,776 = 98,304
-    values a token; bf16, 4096 tokens, 28 layers, plus the final norm's input and output (2 x 4096 x 3584)."""
-    assert mem.layer_activation_elements(Q7) == 98_304
-    full = mem.activation_bytes(Q7, 4096, False, 2)
-    assert full == 28 * 4096 * 98_304 * 2 + 2 * 4096 * 3584 * 2 == 22_607_298_560
-    ckpt = mem.activation_bytes(Q7, 4096, True, 2)
-    assert ckpt == 28 * 4096 * 3584 * 2 + 4096 * 98_304 * 2 + 2 * 4096 * 3584 * 2
+    """A Qwen2.5-7B layer under bf16 autocast keeps 26h + 4q + 4g + 8I + 4 heads + 8 bytes a token
+    (h 3584, q 3584, g 512, I 18944, 28 heads): 93,184 + 14,336 + 2,048 + 151,552 + 112 + 8 = 261,240;
+    in fp32 24h + 8q + 8g + 16I + 4 heads + 8 = 86,016 + 28,672 + 4,096 + 303,104 + 112 + 8 = 422,008."""
+    assert mem.layer_activation_bytes(Q7, mixed=True) == 261_240
+    assert mem.layer_activation_bytes(Q7, mixed=False) == 422_008
+    top = 4096 * (8 * 3584 + 8 * 128 + 12)
+    assert mem.activation_bytes(Q7, 4096, False, True) == 28 * 4096 * 261_240 + top
+    # checkpointing: each layer's fp32 input, and one layer recomputed at a time
+    assert mem.activation_bytes(Q7, 4096, True, True) == 28 * 4096 * 3584 * 4 + 4096 * 261_240 + top
     # the chunked loss holds (256, V) buffers of 16 bytes an entry, fewer rows when there are fewer targets
     assert mem.logits_chunk_bytes(Q7, 2048, 256) == 256 * 152064 * 16
     assert mem.logits_chunk_bytes(Q7, 100, 256) == 100 * 152064 * 16
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["bf16 autocast", "fp32"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_activation_bytes_are_what_transformers_keeps_for_the_backward(kind, mixed):
+    """Saved-tensor hooks collect every tensor autograd keeps in a training forward (parameters excluded,
+    each storage once), with 1 and with 3 layers: a layer's share and the one-layer total are the
+    formulas' to the byte; with gradient checkpointing a layer keeps its fp32 input. Under autocast the
+    bf16 casts of the projection weights are kept too (the plan's compute copy)."""
+    import torch
+    import transformers
+
+    tokens, common = 128, dict(vocab_size=256, hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                               num_key_value_heads=2, tie_word_embeddings=True)
+    config_type = transformers.Qwen2Config if kind == "qwen2" else transformers.LlamaConfig
+
+    def saved(layers: int, checkpointing: bool = False) -> int:
+        torch.manual_seed(0)
+        config = config_type(**common, num_hidden_layers=layers, attn_implementation="sdpa")
+        model = transformers.AutoModelForCausalLM.from_config(config).train()
+        if checkpointing:
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        params = {p.data_ptr() for p in model.parameters()}
+        kept: dict[int, int] = {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                kept.setdefault(t.data_ptr(), t.untyped_storage().nbytes())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+            model.model(input_ids=torch.randint(0, 256, (1, tokens)))
+        return sum(kept.values())
+
+    arch = from_config(config_type(**common, num_hidden_layers=1).to_dict(), "tiny")
+    # one layer's bf16 weight casts (autocast caches the biases' casts too, but the backward keeps none)
+    copies = 2 * arch.layer_linear if mixed else 0
+    one, three = saved(1), saved(3)
+    assert (three - one) // 2 == tokens * mem.layer_activation_bytes(arch, mixed) + copies
+    assert one == mem.activation_bytes(arch, tokens, False, mixed) + copies
+    assert (saved(3, True) - saved(1, True)) // 2 == tokens * 4 * arch.hidden_size
 
 
 def test_kv_cache_by_hand():
@@ -204,6 +253,8 @@ def test_the_recommendation_on_8x80gb():
     rec = plan.recommendation
     assert rec.teacher["precision"] == "bf16" and rec.teacher["devices_per_copy"] == 4 and rec.teacher["copies"] == 2
     assert rec.distill["strategy"] == "fsdp" and rec.distill["accumulation"] == 16
+    # without checkpointing FSDP needs 72.7 of the 76 GB usable: fits, but with under 10% to spare
+    assert rec.distill["checkpointing"] and "72.7 GB without" in rec.text
     assert rec.distill["global_batch"] == 128
     assert "across 4 GPUs" in rec.text and "with FSDP on 8 GPUs, micro-batch 1, accumulation 16" in rec.text
     # every row that fits is within the usable memory; the chosen ones are among them

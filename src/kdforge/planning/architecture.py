@@ -60,19 +60,19 @@ class Architecture:
         return self.q_dim + 2 * self.kv_dim + self.hidden_size + 2 * self.intermediate_size + self.hidden_size
 
     @property
-    def layer_other(self) -> int:
-        """One layer's norms and biases (kept in 16 bits by every quantisation)."""
+    def layer_biases(self) -> int:
         h = self.hidden_size
-        n = 2 * h
-        if self.qkv_bias:
-            n += self.q_dim + 2 * self.kv_dim
+        n = self.q_dim + 2 * self.kv_dim if self.qkv_bias else 0
         if self.o_bias:
             n += h
         if self.mlp_bias:
             n += 2 * self.intermediate_size + h
-        if self.qk_norm:
-            n += 2 * self.head_dim
         return n
+
+    @property
+    def layer_other(self) -> int:
+        """One layer's norms and biases (kept in 16 bits by every quantisation)."""
+        return 2 * self.hidden_size + self.layer_biases + (2 * self.head_dim if self.qk_norm else 0)
 
     @property
     def layer_params(self) -> int:

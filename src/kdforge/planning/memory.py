@@ -27,8 +27,12 @@ TEACHER_PRECISIONS = {"gpu": ("bf16", "int8", "nf4"), "cpu": ("fp32", "bf16")}
 # (fp32 parameters under bf16 autocast, fp32 gradients, two fp32 moments). DeepSpeed's bf16 optimizer
 # splits the same 16 bytes as 2 (bf16 weights) + 2 (bf16 grads) + 4 (fp32 master) + 8 (moments).
 STATE_BYTES = {"weights": 4, "gradients": 4, "adam": 8}
-COMPUTE_COPY = 2     # bf16 casts of the weights that autocast keeps for the backward pass (replicated strategies)
+# autocast caches the bf16 cast of every fp32 weight it multiplies until its context (the whole forward)
+# exits, and the backward keeps them: 2 bytes a layer weight of the whole model, under FSDP2 too (its
+# gathered parameters are leaves like any other). DeepSpeed's bf16 engine computes in its own weights.
+COMPUTE_COPY = 2
 DDP_BUCKETS = 4      # DDP copies the fp32 gradients into its all-reduce buckets (gradient_as_bucket_view=False)
+HEAD_GRAD = 4        # a parallel run sums the output projection's per-chunk gradients in an fp32 buffer
 ZERO3_MAX_LIVE = 10**9  # DeepSpeed stage3_max_live_parameters (its default)
 # (chunk, V) buffers of the chunked loss, per position and vocabulary entry: the student's logits and
 # their fp32 copy, log-probabilities and gradient; 16 bytes covers bf16 on GPU and fp32 on CPU.
@@ -155,11 +159,22 @@ def training_state(params: int, shards: int = 1) -> dict[str, int]:
     return {k: math.ceil(params * b / shards) for k, b in STATE_BYTES.items()}
 
 
+def root_params(arch: Architecture) -> int:
+    """What FSDP2's root unit holds as kdforge wraps it: embeddings, final norm and the untied head."""
+    return arch.embedding + arch.head + arch.hidden_size
+
+
 def fsdp_gathered(arch: Architecture) -> int:
-    """FSDP (full shard, bf16 compute): two units' parameters unsharded in bf16 (the one computing and the
-    one prefetched) and one unit's gradient in fp32 before its reduce-scatter."""
-    u = largest_unit(arch)
-    return 2 * u * 2 + u * 4
+    """FSDP2 as kdforge wraps the student (each decoder layer a unit; the root gathered from its forward to
+    its backward), fp32 parameters: the root's parameters and its gradient unsharded (8 bytes each), two
+    layers gathered (the one computing and the prefetched one) and one layer's gradient before its
+    reduce-scatter (12 bytes a layer parameter)."""
+    return root_params(arch) * (4 + 4) + arch.layer_params * (2 * 4 + 4)
+
+
+def head_grad_bytes(arch: Architecture) -> int:
+    """The fp32 buffer a parallel run sums the output projection's chunk gradients in (V x hidden)."""
+    return arch.vocab_size * arch.hidden_size * HEAD_GRAD
 
 
 def zero3_gathered(arch: Architecture) -> int:
@@ -171,26 +186,42 @@ def zero3_gathered(arch: Architecture) -> int:
 
 # --- activations ---------------------------------------------------------------------------------------
 
-def layer_activation_elements(arch: Architecture) -> int:
-    """Values one decoder layer saves for the backward pass, per token (Korthikanti et al. 2022's count of
-    saved tensors, for a Llama-layout block: RMSNorm, grouped-query attention through SDPA/flash, which
-    saves no (s, s) scores, a SwiGLU MLP, no dropout).
+def layer_activation_bytes(arch: Architecture, mixed: bool) -> int:
+    """Bytes one decoder layer keeps for its backward pass, per token, as transformers' Llama/Qwen2 layers
+    keep them (Korthikanti et al. 2022's method, counting the tensors autograd saves; the terms were read
+    off saved-tensor hooks, and tests/test_plan.py measures them on tiny models). SDPA attention, which
+    saves no (s, s) scores; no dropout.
 
-    attention: norm input h, q/k/v input h, q, k, v (q_dim + 2 kv_dim), o input q_dim
-    MLP:       norm input h, gate/up input h, gate, up, SiLU(gate), down input (4 intermediate)
+    mixed (bf16 autocast over fp32 weights: kdforge on a GPU): the residual stream stays fp32, so each
+    RMSNorm keeps its fp32 input and output and the rsqrt (2 x (8h + 4)); autocast casts the norm's output
+    to bf16 once for each projection that reads it (q, k, v: 6h; gate, up: 4h); SDPA keeps bf16 q, k, v
+    and its output (4q + 4g) and an fp32 log-sum-exp per head; the MLP keeps gate, up, SiLU(gate) and the
+    down projection's input in bf16 (8I): 26h + 4q + 4g + 8I + 4 heads + 8.
+    fp32 (a CPU): the norms as above, their outputs shared by the projections (8h), SDPA 8q + 8g + 4 heads,
+    the MLP 16I: 24h + 8q + 8g + 16I + 4 heads + 8.
     """
-    return 4 * arch.hidden_size + 2 * arch.q_dim + 2 * arch.kv_dim + 4 * arch.intermediate_size
+    h, q, g, i, heads = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size, arch.num_attention_heads
+    if mixed:
+        return 26 * h + 4 * q + 4 * g + 8 * i + 4 * heads + 8
+    return 24 * h + 8 * q + 8 * g + 16 * i + 4 * heads + 8
 
 
-def activation_bytes(arch: Architecture, tokens: int, checkpointing: bool, elem: int) -> int:
+def activation_bytes(arch: Architecture, tokens: int, checkpointing: bool, mixed: bool) -> int:
     """A training micro-batch of ``tokens`` tokens: every layer's saved tensors, or with activation
-    checkpointing each layer's input plus one layer's tensors recomputed during its backward; plus the
-    final norm's input and output."""
-    per_layer = tokens * layer_activation_elements(arch) * elem
-    top = 2 * tokens * arch.hidden_size * elem
+    checkpointing each layer's fp32 input (4h a token; the residual stream is fp32 in both modes) plus one
+    layer's tensors recomputed during its backward; plus the final norm (8h + 4), the token ids (8) and
+    the rotary cos/sin (8 head_dim) a token."""
+    per_layer = tokens * layer_activation_bytes(arch, mixed)
+    top = tokens * (8 * arch.hidden_size + 8 * arch.head_dim + 12)
     if checkpointing:
-        return arch.num_hidden_layers * tokens * arch.hidden_size * elem + per_layer + top
+        return arch.num_hidden_layers * tokens * 4 * arch.hidden_size + per_layer + top
     return arch.num_hidden_layers * per_layer + top
+
+
+def compute_copy_bytes(arch: Architecture) -> int:
+    """autocast's bf16 casts of every layer's projection weights and biases, kept from the forward to the
+    backward (the embeddings are looked up, not cast; the head is cast chunk by chunk and freed)."""
+    return COMPUTE_COPY * arch.num_hidden_layers * (arch.layer_linear + arch.layer_biases)
 
 
 def logits_chunk_bytes(arch: Architecture, targets: int, chunk_size: int) -> int:

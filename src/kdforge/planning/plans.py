@@ -131,21 +131,21 @@ def student_parts(s: Architecture, hw: mem.Hardware, wl: Workload, strategy: str
     p = s.params
     gpu = hw.kind == "gpu"
     host = 0
+    copy = mem.compute_copy_bytes(s) if gpu else 0  # autocast's bf16 casts; a CPU trains in fp32, casts nothing
     if strategy in ("single", "ddp"):
-        parts = mem.training_state(p)
-        parts["compute_copy"] = p * mem.COMPUTE_COPY if gpu else 0  # CPU trains in fp32: no casts
+        parts = mem.training_state(p) | {"compute_copy": copy}
         if strategy == "ddp":
-            parts["buckets"] = p * mem.DDP_BUCKETS
+            parts |= {"buckets": p * mem.DDP_BUCKETS, "head_grad": mem.head_grad_bytes(s)}
     elif strategy == "fsdp":
-        parts = mem.training_state(p, w) | {"gathered": mem.fsdp_gathered(s)}
+        parts = mem.training_state(p, w) | {"compute_copy": copy, "gathered": mem.fsdp_gathered(s),
+                                            "head_grad": mem.head_grad_bytes(s)}
     elif strategy == "zero3":
         parts = mem.training_state(p, w) | {"gathered": mem.zero3_gathered(s)}
     else:  # zero3-offload: bf16 weight and gradient shards stay on the device, the optimizer on the host
         parts = {"weights": math.ceil(2 * p / w), "gradients": math.ceil(2 * p / w), "adam": 0,
                  "gathered": mem.zero3_gathered(s)}
         host = sum(mem.training_state(p).values())  # fp32 master, fp32 gradients, moments: every rank's shard
-    elem = 2 if gpu else 4
-    parts["activations"] = mem.activation_bytes(s, batch * wl.max_length, checkpointing, elem)
+    parts["activations"] = mem.activation_bytes(s, batch * wl.max_length, checkpointing, mixed=gpu)
     parts["logits"] = mem.logits_chunk_bytes(s, batch * wl.answer_tokens, wl.chunk_size)
     return parts, host
 
@@ -176,8 +176,11 @@ def online_teacher_parts(t: Architecture, hw: mem.Hardware, wl: Workload, placem
                          batch: int) -> dict[str, int]:
     e = _elem(precision)
     if placement == "sharded":
-        u = mem.largest_unit(t)
-        weights = math.ceil(mem.weight_bytes(t, precision) / hw.count) + 2 * u * 2  # + two units gathered
+        # FSDP2, forward only: 1/N of the layers, two layers gathered, and the root (embeddings, head),
+        # which FSDP2 keeps gathered after the forward of a root unit
+        layer = mem.layer_weight_bytes(t, precision)
+        root = sum(mem.edge_weight_bytes(t, precision))
+        weights = math.ceil(t.num_hidden_layers * layer / hw.count) + 2 * layer + root
     else:
         weights = mem.weight_bytes(t, precision)
     # The dense teacher signal at the micro-batch's targets stays alive for the whole loss.
@@ -237,15 +240,25 @@ DISTILL_ORDER = [("ddp", False), ("fsdp", False), ("ddp", True), ("fsdp", True),
                  ("zero3", True), ("zero3-offload", False), ("zero3-offload", True)]
 
 
+# A plan without activation checkpointing is chosen only with this share of the usable memory left over:
+# its activations are the largest term, and kernels' transient buffers come on top of them.
+NO_CKPT_HEADROOM = 0.10
+
+
+def _acceptable(r: Row) -> bool:
+    return r.fits and (r.checkpointing or r.total <= (1 - NO_CKPT_HEADROOM) * r.usable)
+
+
 def choose_distill(rows: list[Row], hw: mem.Hardware) -> Row | None:
     """The first plan that fits, fastest first: no sharding over sharding, no recomputation over
-    recomputation, FSDP (native) before ZeRO-3, offloading last. One device of several is never chosen."""
+    recomputation (with 10% to spare), FSDP (native) before ZeRO-3, offloading last. One device of several
+    is never chosen."""
     order = [("single", False), ("single", True)] if hw.count == 1 or hw.kind == "cpu" else []
     order += DISTILL_ORDER
     by = {(r.strategy, r.checkpointing): r for r in rows}
     for key in order:
         r = by.get(key)
-        if r is not None and r.fits:
+        if r is not None and _acceptable(r):
             return r
     return None
 
@@ -259,7 +272,7 @@ def choose_online(rows: list[Row], hw: mem.Hardware) -> Row | None:
     for teacher in placements:
         for strategy, ckpt in order:
             r = by.get((strategy, ckpt, teacher))
-            if r is not None and r.fits:
+            if r is not None and _acceptable(r):
                 return r
     return None
 
@@ -337,7 +350,11 @@ def recommend(t: Architecture, s: Architecture, hw: mem.Hardware, wl: Workload, 
     else:
         world = 1 if distill.strategy == "single" else distill.devices
         acc, got = accumulation(wl, distill.batch, world)
-        ckpt = "with activation checkpointing" if distill.checkpointing else "no activation checkpointing needed"
+        ckpt = "no activation checkpointing needed"
+        if distill.checkpointing:
+            without = next(r for r in rows if r.stage == "distill" and r.strategy == distill.strategy
+                           and not r.checkpointing)
+            ckpt = f"with activation checkpointing; {mem.fmt(without.total)} without"
         host = f", {mem.fmt(distill.host)} host memory" if distill.host else ""
         parts.append(f"train the {billions(s.params)} student from it {strategy_phrase(distill, hw)}, micro-batch "
                      f"{distill.batch}, accumulation {acc} ({mem.fmt(distill.total)} {per}{host}, {ckpt}; "

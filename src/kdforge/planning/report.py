@@ -100,7 +100,7 @@ def render(plan: Plan) -> str:
     heads = ["strategy", "ckpt", "w+g+adam", "activations", "logits", per, "fits", "max micro-batch"]
     if not cpu:
         heads[1:1] = [unit + "s"]
-        heads[4:4] = ["copy/gathered", "buckets"]
+        heads[4:4] = ["bf16 copy", "gathered", "buffers"]
         heads.insert(-2, "host")
 
     def cols(r: Row) -> list:
@@ -108,8 +108,8 @@ def render(plan: Plan) -> str:
              mem.fmt(r.parts["activations"]), mem.fmt(r.parts["logits"]), mem.fmt(r.total), _yes(r), r.max_batch]
         if not cpu:
             c[1:1] = [r.devices]
-            c[4:4] = [_dash(r.parts.get("compute_copy", 0) + r.parts.get("gathered", 0)),
-                      _dash(r.parts.get("buckets", 0))]
+            c[4:4] = [_dash(r.parts.get("compute_copy", 0)), _dash(r.parts.get("gathered", 0)),
+                      _dash(r.parts.get("buckets", 0) + r.parts.get("head_grad", 0))]
             c.insert(-2, _dash(r.host))
         return c
     out += table(heads, [cols(r) for r in rows])
@@ -146,7 +146,7 @@ def as_json(plan: Plan) -> dict[str, Any]:
         "label_cache": {"bytes": plan.label_cache,
                         "bytes_per_target": mem.bytes_per_target(plan.workload.top_k, t.vocab_size)},
         "assumptions": {"state_bytes_per_param": mem.STATE_BYTES, "compute_copy": mem.COMPUTE_COPY,
-                        "ddp_buckets": mem.DDP_BUCKETS, "linear_bytes": mem.LINEAR_BYTES,
+                        "ddp_buckets": mem.DDP_BUCKETS, "head_grad": mem.HEAD_GRAD, "linear_bytes": mem.LINEAR_BYTES,
                         "logit_chunk_bytes": mem.LOGIT_CHUNK_BYTES, "reserve": plan.hardware.reserve},
         "rows": [r.as_dict() for r in plan.rows],
         "recommendation": {"text": rec.text, "teacher": rec.teacher, "distill": rec.distill, "online": rec.online,

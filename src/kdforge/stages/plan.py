@@ -39,8 +39,8 @@ class PlanConfig(StageConfig):
     answer_tokens: int | None = Field(None, gt=0, description="assistant (target) tokens per conversation: "
                                       "generate's max_new_tokens (default: half of max_length)")
     batch_size: int = Field(1, gt=0, description="distill: conversations per micro-batch per device")
-    global_batch: int = Field(128, gt=0, description="distill: conversations per optimizer step over all devices "
-                              "(micro-batch x accumulation x world size)")
+    global_batch_size: int = Field(128, gt=0, description="distill: conversations per optimizer step over all "
+                                   "devices (micro-batch x accumulation x world size)")
     teacher_batch_size: int = Field(8, gt=0, description="generate/label: sequences per teacher forward")
     top_k: int = Field(64, gt=1, le=1024, description="label cache: teacher log-probs kept per target token")
     hidden_layers: list[int] = Field(default_factory=list, description="label cache: teacher layers whose hidden "
@@ -76,7 +76,7 @@ def run(cfg: PlanConfig) -> int:
     if answer >= cfg.max_length:
         raise UserError(f"plan: --answer-tokens {answer} leaves no room for a prompt in --max-length "
                         f"{cfg.max_length}")
-    workload = Workload(cfg.conversations, cfg.max_length, answer, cfg.batch_size, cfg.global_batch,
+    workload = Workload(cfg.conversations, cfg.max_length, answer, cfg.batch_size, cfg.global_batch_size,
                         cfg.teacher_batch_size, cfg.top_k, cfg.chunk_size, len(cfg.hidden_layers))
     plan = make_plan(teacher, student, hw, workload)
     text = json.dumps(as_json(plan), indent=2) if cfg.as_json else render(plan)
@@ -87,6 +87,6 @@ def run(cfg: PlanConfig) -> int:
 STAGES = (Stage("plan", "memory per device for every stage and strategy, and a recommended plan (no weights read)",
                 PlanConfig, run,
                 flags=("teacher", "student", "student_layers", "devices", "device_memory", "host_memory",
-                       "conversations", "max_length", "answer_tokens", "batch_size", "global_batch",
+                       "conversations", "max_length", "answer_tokens", "batch_size", "global_batch_size",
                        "teacher_batch_size", "top_k", "hidden_layers", "chunk_size", "as_json"),
                 aliases={"as_json": "json"}, pipeline=False),)
