@@ -125,3 +125,17 @@ def test_every_field_is_documented(stage):
     section = doc.split(f"## `{stage}`", 1)[1].split("\n## ", 1)[0]
     for field in CLASSES[stage].model_fields:
         assert f"`{field}`" in section, f"docs/configs.md does not document {stage}.{field}"
+
+
+def test_nested_set_reaches_a_nested_field_and_not_another_stage():
+    """`--set distributed.strategy=fsdp` sets the nested field (it was once dropped silently as "another stage's");
+    `--set student.num_layers=8` is the student stage's even though distill has a `student` field."""
+    from kdforge.stages.distill import DistillConfig
+
+    base = {"student": "s", "data": "d.jsonl", "labels": "l"}
+    cfg = build_config(DistillConfig, "distill", overrides=["distributed.strategy=fsdp", "lora.r=4",
+                                                           "student.num_layers=8", "distill.lr=1e-4"],
+                       flags=base, sections=["student", "distill"])
+    assert cfg.distributed.strategy == "fsdp" and cfg.distributed.teacher == "auto"
+    assert cfg.lora.r == 4 and cfg.lora.alpha == 16.0
+    assert cfg.student == "s" and cfg.lr == 1e-4

@@ -125,6 +125,7 @@ def build_config(
     (``sections``: the names that mark a file as sectioned; any mapping that is not a field of
     ``cls`` does too), of which only ``stage``'s is read.
     """
+    sections = tuple(sections)
     values: dict[str, Any] = {}
     sources = ["command line"]
     stage_overrides, _ = split_overrides(overrides)
@@ -143,8 +144,8 @@ def build_config(
         prefix = key.split(".", 1)[0]
         if "." in key and prefix == stage:
             key = key.split(".", 1)[1]
-        elif "." in key and prefix not in cls.model_fields:
-            continue  # an override for another stage of `kdforge run`
+        elif "." in key and (prefix in sections or prefix not in cls.model_fields):
+            continue  # an override for another stage of `kdforge run` (`student.x` is the student stage's)
         _set_nested(values, key.split("."), value)
     try:
         return cls(**values)
