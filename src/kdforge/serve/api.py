@@ -34,23 +34,32 @@ log = logging.getLogger("kdforge.serve")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # 4 MiB: a long conversation is far below it
 MAX_JSON_DEPTH = 64  # an OpenAI request nests 4 levels; a JSON schema in response_format a dozen or so
+# Routes outside /v1 that the API key guards too (vLLM's tokenizer endpoints); /health and /docs stay open.
+KEYED_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})
 
 
 def create_app(engine: BaseEngine, model_name: str, api_key: str | None = None, max_in_flight: int = 64,
                aliases: tuple[str, ...] = (), max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
-               allow_special_tokens: bool = False) -> FastAPI:
+               allow_special_tokens: bool = False, max_logprobs: int = 20) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name`` (also answering to ``aliases``).
 
     ``max_body_bytes``: the largest request body accepted (413 past it; None for no limit).
     ``allow_special_tokens``: let message content turn into control tokens (``<|im_start|>``...); off,
     content is always tokenized as text, so a user cannot forge a system or assistant turn.
+    ``max_logprobs``: the most log-probabilities per position a request may ask for (``logprobs``,
+    ``prompt_logprobs``, ``top_logprobs``; -1: the whole vocabulary), vLLM's ``--max-logprobs``: past it a
+    400 with vLLM's message.
     """
     if max_body_bytes is not None and max_body_bytes < 1:
         raise ValueError("max_body_bytes must be >= 1 (or None for no limit)")
+    if max_logprobs < -1:
+        raise ValueError("max_logprobs must be >= 0, or -1 for no cap")
     app = FastAPI(title="kdforge", version=__version__,
-                  description="OpenAI-compatible chat and text completions served by kdforge.")
+                  description="OpenAI-compatible chat and text completions served by kdforge, with vLLM's "
+                              "extensions (prompt_logprobs, token-id prompts, /tokenize, /detokenize).")
     add_error_handlers(app)
-    served = ServedModel(engine, model_name, tuple(aliases), max_in_flight, allow_special_tokens=allow_special_tokens)
+    served = ServedModel(engine, model_name, tuple(aliases), max_in_flight, allow_special_tokens=allow_special_tokens,
+                         max_logprobs=max_logprobs)
     app.include_router(build_router(served))
     app.openapi = lambda: _openapi_400(app)
     app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes)
@@ -88,7 +97,8 @@ def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
 
 
 class _Gate:
-    """ASGI middleware: bearer-token check on /v1 routes, the body limits, one log line per request."""
+    """ASGI middleware: bearer-token check on /v1 (and the tokenizer) routes, the body limits, one log line
+    per request."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES):
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
@@ -108,7 +118,8 @@ class _Gate:
 
         outcome = ""
         try:
-            if self.api_key and scope["path"].startswith("/v1") and not self._authorized(scope):
+            keyed = scope["path"].startswith("/v1") or scope["path"] in KEYED_PATHS
+            if self.api_key and keyed and not self._authorized(scope):
                 resp = error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 await resp(scope, receive, send_and_record)

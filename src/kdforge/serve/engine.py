@@ -5,11 +5,18 @@ runs :meth:`BaseEngine._step` in a loop. Callers on any thread (the asyncio serv
 chat, the Gradio UI) call :meth:`BaseEngine.submit` and read :class:`Output` deltas from the returned
 :class:`GenerationHandle`, synchronously or with ``async for``. The engine thread is the only one
 that touches the model, so no locks are needed around it; hand-offs go through thread-safe queues.
+
+Besides generation, :meth:`BaseEngine.score` queues a *scoring job*: the log-probabilities of several
+prompts' own tokens from one forward pass over all of them (a backend's :meth:`BaseEngine._score`), run on
+the engine thread between decode steps. A job may carry one-token generations: the first answer token
+of each prompt is sampled from the same pass's last-position logits, so a teacher's ``max_tokens: 1``
+request (or lm-eval's loglikelihood request) costs one forward, not two.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -20,8 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kdforge.runtime.sampling import SamplingParams, make_generator
+from kdforge.runtime.sampling import SamplingParams, make_generator, sample_token
 from kdforge.serve.detokenize import IncrementalDetokenizer, StopStringFilter, TokenPieces
+from kdforge.serve.scoring import LOGPROB_FLOOR, PromptScores, ScoringUnavailable, floor
+
+__all__ = ["LOGPROB_FLOOR", "BaseEngine", "ContextLengthExceeded", "GenerationHandle", "Output", "PromptScores",
+           "ScoringUnavailable", "Sequence", "token_logprobs"]
 
 log = logging.getLogger("kdforge.serve")
 
@@ -45,24 +56,19 @@ class Output:
     logprobs: list[dict] | None = None
 
 
-# The floor of a reported log-probability: JSON has no -inf (OpenAI reports -9999.0 too).
-LOGPROB_FLOOR = -9999.0
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
-
-
 def token_logprobs(logits: torch.Tensor, token: int, top: int, pieces: TokenPieces) -> dict:
     """OpenAI's logprob entry of ``token`` under ``logits`` (V,): log_softmax of the raw logits
-    (temperature 1, as OpenAI reports them, whatever temperature sampled it) and the ``top`` likeliest."""
+    (temperature 1, as OpenAI reports them, whatever temperature sampled it) and the ``top`` likeliest.
+    Every entry also carries the token's ``id`` (for vLLM's ``return_tokens_as_token_ids``)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
 
     def entry(tid: int, value: float) -> dict:
         text, raw = pieces(tid)
-        value = value if value == value else LOGPROB_FLOOR  # NaN from a broken model: the floor
-        return {"token": text, "logprob": max(float(value), LOGPROB_FLOOR), "bytes": raw}
+        return {"token": text, "logprob": floor(float(value)), "bytes": raw, "id": tid}
 
     best = []
     if top > 0:
-        values, ids = torch.topk(logp, min(top, MAX_TOP_LOGPROBS, logp.numel()))
+        values, ids = torch.topk(logp, min(top, logp.numel()))
         best = [entry(int(i), float(v)) for v, i in zip(values, ids)]
     return {**entry(token, float(logp[token])), "top_logprobs": best}
 
@@ -79,6 +85,16 @@ class EngineStats:
     finished: int = 0
     cancelled: int = 0
     errors: int = 0
+
+
+@dataclass
+class ScoreJob:
+    """Prompts to score in one pass, and (optionally) one-token generations to sample from its last rows."""
+
+    prompts: list[list[int]]
+    top: int  # alternatives per position (the actual token is always scored)
+    future: concurrent.futures.Future  # -> list[PromptScores], one per prompt
+    handles: list[GenerationHandle]  # [] or one per prompt, each with max_tokens == 1
 
 
 class GenerationHandle:
@@ -222,6 +238,7 @@ class BaseEngine:
         self._waiting: deque[Sequence] = deque()
         self._wake = threading.Event()
         self._ids = itertools.count(1)
+        self._jobs: queue.Queue[ScoreJob] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -260,8 +277,8 @@ class BaseEngine:
         """
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        if logprobs is not None and logprobs < 0:
+            raise ValueError("logprobs must be >= 0")
         self.resolve_max_tokens(len(prompt_ids), params.max_tokens)  # raises if it cannot fit
         handle = GenerationHandle(next(self._ids), list(prompt_ids), params, self._wake, self._release,
                                   logprobs=logprobs)
@@ -270,6 +287,36 @@ class BaseEngine:
         self._inbox.put(handle)
         self._wake.set()
         return handle
+
+    def score(self, prompts: list[list[int]], top: int, params: list[SamplingParams] | None = None,
+              logprobs: int | None = None) -> tuple[concurrent.futures.Future, list[GenerationHandle]]:
+        """Queue a scoring job: every prompt token's log-probability, its rank and the ``top`` likeliest
+        alternatives at each position, from one forward pass (the future's result: one
+        :class:`PromptScores` per prompt).
+
+        ``params``: one per prompt, each with ``max_tokens == 1``: also sample each prompt's first answer
+        token from the same pass (the returned handles deliver it, with ``logprobs`` as in :meth:`submit`).
+        Raises ScoringUnavailable when the backend cannot score, ContextLengthExceeded when a prompt leaves
+        no room for one token (vLLM's rule, also when nothing is generated).
+        """
+        if type(self)._score is BaseEngine._score:
+            raise ScoringUnavailable(f"the {self.backend} engine cannot compute prompt log-probabilities")
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if top < 0 or (logprobs is not None and logprobs < 0):
+            raise ValueError("top and logprobs must be >= 0")
+        if params is not None and (len(params) != len(prompts) or any(p.max_tokens != 1 for p in params)):
+            raise ValueError("one SamplingParams with max_tokens == 1 per prompt")
+        for p in prompts:
+            self.resolve_max_tokens(len(p), 1)  # raises if it cannot fit
+        handles = [GenerationHandle(next(self._ids), list(p), pp, self._wake, self._release, logprobs=logprobs)
+                   for p, pp in zip(prompts, params)] if params is not None else []
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._in_flight += len(prompts)  # each prompt takes a slot until its job (or its handle) is done
+        self._jobs.put(ScoreJob([list(p) for p in prompts], top, future, handles))
+        self._wake.set()
+        return future, handles
 
     def start(self) -> BaseEngine:
         if self._thread is None:
@@ -284,9 +331,9 @@ class BaseEngine:
             self._thread.join(timeout)
             self._thread = None
 
-    def _release(self) -> None:
+    def _release(self, n: int = 1) -> None:
         with self._lock:
-            self._in_flight -= 1
+            self._in_flight -= n
 
     @property
     def num_in_flight(self) -> int:
@@ -300,12 +347,13 @@ class BaseEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self._inbox.qsize() + len(self._waiting)
+        return self._inbox.qsize() + len(self._waiting) + self._jobs.qsize()
 
     # ---- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox()
+            self._run_scoring()
             if not self._has_work():
                 self._wake.wait(0.5)  # idle: sleep until a submit or cancel wakes us
                 self._wake.clear()
@@ -322,12 +370,57 @@ class BaseEngine:
                 handle = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if handle.logprobs is not None and self._pieces is None:
-                self._pieces = TokenPieces(self.tokenizer)
-            self._waiting.append(Sequence(handle, self.tokenizer, self.eot_ids, self._pieces))
+            self._waiting.append(Sequence(handle, self.tokenizer, self.eot_ids, self._pieces_for(handle)))
 
     def _has_work(self) -> bool:
-        return bool(self._waiting) or self.num_active > 0
+        return bool(self._waiting) or self.num_active > 0 or not self._jobs.empty()
+
+    def _run_scoring(self) -> None:
+        """Run the queued scoring jobs (between decode steps: each is one bounded forward pass)."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            self._score_job(job)
+
+    def _score_job(self, job: ScoreJob) -> None:
+        try:
+            scores = self._score(job.prompts, job.top)
+        except Exception as e:  # e.g. out of memory on a long prompt: fail this job, not the server
+            if not isinstance(e, ScoringUnavailable):  # that one is the client's 400, not a failure
+                log.exception("scoring failed")
+                self.stats.errors += 1
+            for handle in job.handles:
+                Sequence(handle, self.tokenizer, self.eot_ids, self._pieces_for(handle)).finish(
+                    "error", error=f"{type(e).__name__}: {e}")
+            if not job.handles:
+                self._release(len(job.prompts))
+            job.future.set_exception(e)
+            return
+        self.stats.prompt_tokens += sum(len(p) for p in job.prompts)
+        for handle, s in zip(job.handles, scores):
+            seq = Sequence(handle, self.tokenizer, self.eot_ids, self._pieces_for(handle))
+            if handle.cancelled:
+                self._cancelled(seq)
+                continue
+            # max_tokens is 1: the first token ends the sequence (end of turn, a stop string or length).
+            if not seq.accept(sample_token(s.next_logits, seq.params, seq.generator), s.next_logits):
+                seq.finish("length")
+            self._done(seq)
+        if not job.handles:
+            self._release(len(job.prompts))  # with handles, each released its slot when it finished
+        job.future.set_result(scores)
+
+    def _pieces_for(self, handle: GenerationHandle) -> TokenPieces | None:
+        if handle.logprobs is not None and self._pieces is None:
+            self._pieces = TokenPieces(self.tokenizer)
+        return self._pieces
+
+    def _score(self, prompts: list[list[int]], top: int) -> list[PromptScores]:
+        """One :class:`PromptScores` per prompt from the model's logits at every position (fp32 log_softmax);
+        a backend that can compute them overrides this."""
+        raise ScoringUnavailable(f"the {self.backend} engine cannot compute prompt log-probabilities")
 
     def _drop_cancelled_waiting(self) -> None:
         for seq in [s for s in self._waiting if s.handle.cancelled]:

@@ -99,7 +99,8 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     if status == 400 and message == "There was an error parsing the body":
         message = "The request body could not be parsed: send JSON (UTF-8) with Content-Type: application/json."
     elif status == 404:
-        message = "Not found: this server has /v1/models, /v1/chat/completions, /v1/completions and /health."
+        message = ("Not found: this server has /v1/models, /v1/chat/completions, /v1/completions, /tokenize, "
+                   "/detokenize, /tokenizer_info and /health.")
     return error_response(status, message, kind, code=HTTP_CODES.get(status, f"http_{status}"),
                           headers=getattr(exc, "headers", None))
 

@@ -16,6 +16,11 @@ Each step:
 
 A decode step of a small model on a CPU is bound by reading the weights, which costs the same for
 one row as for sixteen, so tokens/s grows almost linearly with the number of concurrent clients.
+
+Prompt log-probabilities (:meth:`TransformersEngine._score`) run the prompts of a scoring job through
+the same forward kdforge's labelling uses (`kdforge.models.forward.target_hidden`: a right-padded
+batch, packed into rows without padding compute), up to ``prefill_budget`` tokens per pass, then the
+output projection and an fp32 ``log_softmax`` a bounded slice of positions at a time.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ import inspect
 
 import torch
 
+from kdforge.data.chat import IGNORE_INDEX
+from kdforge.models.forward import DEFAULT_PACK_LENGTH, project, target_hidden
 from kdforge.runtime.base import TRANSFORMERS
 from kdforge.runtime.sampling import sample_token
 from kdforge.serve.engine import BaseEngine, Sequence, log
+from kdforge.serve.scoring import PromptScores, scores_from_rows
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -80,6 +88,35 @@ class TransformersEngine(BaseEngine):
         logits = self._forward(ids, torch.ones(1, n, dtype=torch.long), torch.arange(n).unsqueeze(0), cache)
         self.stats.prompt_tokens += n
         return cache, logits[0]  # (V,)
+
+    @torch.inference_mode()
+    def _score(self, prompts: list[list[int]], top: int) -> list[PromptScores]:
+        out: list[PromptScores] = []
+        group: list[list[int]] = []
+        for p in prompts:  # consecutive prompts up to prefill_budget tokens per forward (a longer one alone)
+            if group and sum(len(g) + 1 for g in group) + len(p) + 1 > self.prefill_budget:
+                out += self._score_group(group, top)
+                group = []
+            group.append(p)
+        return out + self._score_group(group, top)
+
+    def _score_group(self, prompts: list[list[int]], top: int) -> list[PromptScores]:
+        # Each prompt is followed by a placeholder token, so that its last position is a "target" too:
+        # target_hidden then returns the hidden state at every prompt position, the last one included
+        # (its logits give the first answer token). The placeholder only sees itself and the prompt.
+        width = max(len(p) for p in prompts) + 1
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)  # (B, W), right-padded
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for b, p in enumerate(prompts):
+            n = len(p)
+            ids[b, :n] = labels[b, :n] = torch.tensor(p)
+            ids[b, n] = labels[b, n] = 0  # the placeholder
+            mask[b, : n + 1] = 1
+        dev = self.device
+        hidden, _ = target_hidden(self.model, ids.to(dev), mask.to(dev), labels.to(dev), DEFAULT_PACK_LENGTH)
+        # hidden: (sum of L, H), prompt by prompt, position by position
+        return scores_from_rows(prompts, hidden, top, self._vocab, lambda h: project(self.model, h, self._vocab))
 
     # ---- batch bookkeeping -------------------------------------------------------------------
     def _join(self, seq: Sequence, cache) -> None:

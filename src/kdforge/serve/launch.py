@@ -65,10 +65,10 @@ def configure_logging() -> None:
 def run_server(engine: BaseEngine, model_name: str, host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, max_in_flight: int = 64, aliases: tuple[str, ...] = (),
                in_thread: bool = False, max_body_bytes: int | None = 4 * 1024 * 1024,
-               allow_special_tokens: bool = False) -> Any:
+               allow_special_tokens: bool = False, max_logprobs: int = 20) -> Any:
     """Serve until interrupted (or, with ``in_thread``, start a daemon thread and return the server).
 
-    ``max_body_bytes`` and ``allow_special_tokens`` are :func:`kdforge.serve.api.create_app`'s.
+    ``max_body_bytes``, ``allow_special_tokens`` and ``max_logprobs`` are :func:`kdforge.serve.api.create_app`'s.
     Returns the ``uvicorn.Server``: ``.started`` tells when it listens, ``.should_exit = True`` stops it.
     """
     import uvicorn
@@ -77,7 +77,7 @@ def run_server(engine: BaseEngine, model_name: str, host: str = "127.0.0.1", por
 
     app = create_app(engine, model_name, api_key=api_key or os.environ.get(API_KEY_ENV) or None,
                      max_in_flight=max_in_flight, aliases=aliases, max_body_bytes=max_body_bytes,
-                     allow_special_tokens=allow_special_tokens)
+                     allow_special_tokens=allow_special_tokens, max_logprobs=max_logprobs)
     # access_log off: the app's middleware already logs one line per request (with its duration).
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning"))
     if in_thread:

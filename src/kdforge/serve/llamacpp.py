@@ -9,6 +9,11 @@ same on both backends. llama-cpp-python's high-level ``Llama`` object holds one 
 engine runs requests one at a time (first come, first served); it keeps the previous request's KV
 cache and re-evaluates only the part of a new prompt that differs (a multi-turn chat re-reads only
 the newest turn).
+
+Prompt log-probabilities need logits at every position, which the decoding context does not keep (an
+n_ctx x V buffer): they come from a second, scoring context over the same memory-mapped file
+(`kdforge.runtime.llamacpp.LlamaCppRuntime.sequence_logits`, opened when first needed and sized to
+the longest prompt), one prompt at a time.
 """
 
 from __future__ import annotations
@@ -20,31 +25,37 @@ import torch
 
 from kdforge.models.loading import end_of_turn_ids, load_tokenizer
 from kdforge.runtime.base import LLAMA_CPP
-from kdforge.runtime.llamacpp import gguf_path, import_llama_cpp, last_logits, load_llama
+from kdforge.runtime.llamacpp import LlamaCppRuntime, gguf_path, import_llama_cpp, last_logits, load_llama
 from kdforge.runtime.sampling import sample_token
 from kdforge.serve.engine import BaseEngine, Sequence
+from kdforge.serve.scoring import PromptScores, ScoringUnavailable, scores_from_rows
 
 
 class LlamaCppEngine(BaseEngine):
     backend = LLAMA_CPP
 
     def __init__(self, llm, tokenizer, eot_ids: list[int], max_tokens_cap: int | None = None,
-                 read_logits: Callable[[], np.ndarray] | None = None):
+                 read_logits: Callable[[], np.ndarray] | None = None, scorer=None):
+        """``scorer``: what computes all-position logits for prompt log-probabilities (an object with
+        ``sequence_logits(ids) -> (T, V)`` fp32 CPU tensor and ``close()``); None: they are refused."""
         super().__init__(tokenizer, eot_ids, int(llm.n_ctx()), max_batch=1, max_tokens_cap=max_tokens_cap)
         self.llm = llm
         self._n_vocab = int(llm.n_vocab())
         self._vocab = min(len(tokenizer), self._n_vocab)
         self._read_logits = read_logits or self._llama_logits
         self._current: Sequence | None = None
+        self._scorer = scorer
 
     @classmethod
     def from_gguf(cls, spec: str, max_model_len: int | None = None, max_tokens_cap: int | None = None,
                   n_threads: int | None = None) -> LlamaCppEngine:
         import_llama_cpp()  # the install hint before a missing file's error
         # n_ctx 0: the model's own context; n_threads None: llama-cpp-python's default.
-        llm = load_llama(gguf_path(spec), n_ctx=max_model_len or 0, threads=n_threads)
+        path = gguf_path(spec)
+        llm = load_llama(path, n_ctx=max_model_len or 0, threads=n_threads)
         tok = load_tokenizer(spec)
-        return cls(llm, tok, end_of_turn_ids(tok), max_tokens_cap=max_tokens_cap)
+        scorer = LlamaCppRuntime(path, threads=n_threads, tokenizer=tok, spec=spec)  # opens nothing until used
+        return cls(llm, tok, end_of_turn_ids(tok), max_tokens_cap=max_tokens_cap, scorer=scorer)
 
     @property
     def num_active(self) -> int:
@@ -73,6 +84,20 @@ class LlamaCppEngine(BaseEngine):
             self.llm.n_tokens = common  # eval() drops the KV entries from here on before appending
         self.llm.eval(prompt[common:])
         self.stats.prompt_tokens += len(prompt) - common
+
+    def _score(self, prompts: list[list[int]], top: int) -> list[PromptScores]:
+        if self._scorer is None:
+            raise ScoringUnavailable("this llama.cpp engine has no scoring context")
+        out = []
+        for p in prompts:  # the binding's Llama holds one sequence: one prompt per pass
+            logits = self._scorer.sequence_logits(p)[:, : self._vocab]  # (L, V) fp32
+            out += scores_from_rows([p], logits, top, self._vocab, lambda rows: rows)
+        return out
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        super().shutdown(timeout)
+        if self._scorer is not None:
+            self._scorer.close()  # frees its n_ctx x V logit buffer
 
     def _fail_all(self, message: str) -> None:
         if self._current is not None:

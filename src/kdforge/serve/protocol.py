@@ -129,11 +129,24 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Text | list[int] | list[Text] = Field(
-        description="text, token ids, or a list holding one text (one prompt per request)")
-    echo: bool = Field(False, description="prepend the prompt to the returned text")
-    logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of the generated tokens and "
-                                 "the N likeliest alternatives (0..5); not with echo")
+    prompt: Text | list[int] | list[list[int]] | list[Text] = Field(
+        description="text, token ids, or a list of texts or of token-id lists (several prompts: a choice each)")
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="tokens to generate at most; 0 only with echo (score the prompt, generate nothing, "
+        "as vLLM); default: what fits the context")
+    echo: bool = Field(False, description="prepend the prompt to the returned text (with logprobs: the prompt's "
+                       "tokens too, the first with a null log-probability)")
+    logprobs: int | None = Field(None, ge=-1, description="log-probabilities of the generated (and, with echo, "
+                                 "the prompt's) tokens and the N likeliest alternatives; -1: the whole "
+                                 "vocabulary; at most the server's --max-logprobs (default 20)")
+    prompt_logprobs: int | None = Field(None, ge=-1, description="vLLM extension: every prompt token's "
+                                        "log-probability and rank, and the N likeliest tokens at its position "
+                                        "(choices[].prompt_logprobs); -1: the whole vocabulary; at most "
+                                        "--max-logprobs; not with stream")
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM extension: tokens in logprobs as "
+                                             "'token_id:N' (every token identified, whatever its bytes)")
+    add_special_tokens: bool = Field(True, description="vLLM extension: let the tokenizer add its special "
+                                     "tokens (BOS) to text prompts")
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -164,12 +177,22 @@ class ChoiceLogprobs(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The text completions (legacy) shape: parallel lists, one entry per generated token."""
+    """The text completions (legacy) shape: parallel lists, one entry per token (with echo, the prompt's first:
+    its log-probability and alternatives are null, nothing predicts it). ``top_logprobs`` holds the token
+    itself and the N likeliest (so N or N+1 entries)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob``: one token's log-probability at a prompt position."""
+
+    logprob: float
+    rank: int | None = Field(None, description="1 + the tokens likelier than it (vLLM counts ties as likelier)")
+    decoded_token: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -214,6 +237,9 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: FinishReason | None = None
     logprobs: CompletionLogprobs | None = None
+    # vLLM's: None for the first prompt token, then {token id (a string): Logprob} per position, the prompt's
+    # own token first. Not in streamed chunks.
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -225,6 +251,48 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a text ``prompt``, or chat ``messages`` (through the model's chat template)."""
+
+    model: Text | None = None
+    prompt: Text | None = Field(None, description="text to tokenize (or messages)")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="a conversation (or prompt)")
+    add_special_tokens: bool | None = Field(None, description="add the tokenizer's special tokens (BOS); "
+                                            "default true for a prompt, false (the template adds them) for messages")
+    add_generation_prompt: bool = Field(True, description="with messages: end with the assistant's turn")
+    return_token_strs: bool = Field(False, description="also return each token's text")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: Text | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """vLLM's /tokenizer_info (what lm-eval's remote tokenizer reads): the tokenizer's configuration."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    chat_template: str | None = None
+    model_max_length: int
+    add_bos_token: bool | None = None
 
 
 class ModelCard(BaseModel):

@@ -4,8 +4,9 @@
 :func:`completion_events` only say how one chunk looks and what is sent first:
 
 * chat: the role chunk (content ``""``), content chunks, one finish chunk, [usage chunk], ``[DONE]``;
-* completions: [the echoed prompt], text chunks, the finish chunk (carrying the last text), [usage chunk],
-  ``[DONE]``.
+* completions: [the echoed prompt, with its tokens' log-probabilities when asked for], text chunks, the
+  finish chunk (carrying the last text), [usage chunk], ``[DONE]``; with ``max_tokens: 0`` the echoed
+  prompt is the finish chunk.
 
 With log-probabilities asked for, each chunk carries the entries of the tokens whose text it carries
 (a token held back as part of a character rides with the chunk that completes it).
@@ -55,21 +56,39 @@ def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
 
 class CompletionLogprobTracker:
     """Engine logprob entries -> the text completions (legacy) shape, with ``text_offset`` counted across
-    the chunks of one answer (from ``start``, the length of an echoed prompt)."""
+    the chunks of one answer (from ``start``: 0, or the length of an echoed prompt whose tokens are not
+    among the entries).
 
-    def __init__(self, start: int = 0) -> None:
+    Each position's ``top_logprobs`` holds the token itself first, then its alternatives (OpenAI's "up to
+    logprobs + 1"; vLLM's order); an echoed prompt's first token has None. ``as_ids``: tokens are written
+    ``token_id:N`` (vLLM's ``return_tokens_as_token_ids``), so tokens with the same text stay apart.
+    """
+
+    def __init__(self, start: int = 0, as_ids: bool = False) -> None:
         self._chars = start  # characters of the answer so far (a token's partial bytes count once complete)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.as_ids = as_ids
+
+    def _name(self, entry: dict) -> str:
+        return f"token_id:{entry['id']}" if self.as_ids else entry["token"]
 
     def render(self, entries: list[dict]) -> CompletionLogprobs:
         offsets = []
         for e in entries:
             offsets.append(self._chars)
             self._chars += len(self._decoder.decode(bytes(e["bytes"] or [])))
-        return CompletionLogprobs(
-            tokens=[e["token"] for e in entries], token_logprobs=[e["logprob"] for e in entries],
-            top_logprobs=[{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-            text_offset=offsets)
+        tops: list[dict[str, float] | None] = []
+        for e in entries:
+            if e["top_logprobs"] is None:
+                tops.append(None)
+                continue
+            top = {self._name(e): e["logprob"]}
+            for t in e["top_logprobs"]:
+                top.setdefault(self._name(t), t["logprob"])
+            tops.append(top)
+        return CompletionLogprobs(tokens=[self._name(e) for e in entries],
+                                  token_logprobs=[e["logprob"] for e in entries], top_logprobs=tops,
+                                  text_offset=offsets)
 
 
 def _event(body_json: str) -> str:
@@ -101,10 +120,16 @@ def chat_events(handle: GenerationHandle, rid: str, created: int, model: str,
     return sse_events(handle, chunk, include_usage, first=event(DeltaMessage(role="assistant", content="")))
 
 
-def completion_events(handle: GenerationHandle, rid: str, created: int, model: str, include_usage: bool,
-                      prefix: str = "", logprobs: CompletionLogprobTracker | None = None) -> AsyncIterator[str]:
-    """[The echoed prompt ``prefix``], text chunks, the finish chunk with the last text, [usage chunk], [DONE]."""
-    exclude = None if include_usage else {"usage"}
+def completion_events(handle: GenerationHandle | None, rid: str, created: int, model: str, include_usage: bool,
+                      prefix: str = "", logprobs: CompletionLogprobTracker | None = None,
+                      prefix_entries: list[dict] | None = None, prompt_tokens: int = 0) -> AsyncIterator[str]:
+    """[The echoed prompt ``prefix`` and its tokens' ``prefix_entries``], text chunks, the finish chunk with the
+    last text, [usage chunk], [DONE]. ``handle`` None (``max_tokens: 0``): the echo is the finish chunk (its
+    usage: ``prompt_tokens``, no completion)."""
+    # No chunk carries a usage key without include_usage; prompt_logprobs are never streamed (vLLM's rule).
+    exclude: dict = {"choices": {"__all__": {"prompt_logprobs"}}}
+    if not include_usage:
+        exclude["usage"] = True
 
     def chunk(text: str, finish: str | None, usage: Usage | None, entries: list[dict] | None) -> str:
         # Each chunk is a whole completion body, as OpenAI streams them.
@@ -114,8 +139,19 @@ def completion_events(handle: GenerationHandle, rid: str, created: int, model: s
         body = CompletionResponse(id=rid, created=created, model=model, usage=usage, choices=choices)
         return _event(body.model_dump_json(exclude=exclude))
 
-    first = chunk(prefix, None, None, None) if prefix else None
+    if handle is None:
+        return _echo_only(chunk, prefix, prefix_entries, include_usage, prompt_tokens)
+    first = chunk(prefix, None, None, prefix_entries) if prefix or prefix_entries else None
     return sse_events(handle, chunk, include_usage, first=first, text_in_finish=True)
+
+
+async def _echo_only(chunk: ChunkRenderer, prefix: str, entries: list[dict] | None, include_usage: bool,
+                     prompt_tokens: int) -> AsyncIterator[str]:
+    yield chunk(prefix, "length", None, entries)
+    if include_usage:
+        yield chunk("", None, Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens),
+                    None)
+    yield DONE
 
 
 async def sse_events(handle: GenerationHandle, chunk: ChunkRenderer, include_usage: bool, first: str | None = None,

@@ -48,6 +48,9 @@ class ServeConfig(_ModelServing):
                                 "one gets 413 before it is parsed")
     allow_special_tokens: bool = Field(False, description="let message content become control tokens "
                                        "(<|im_start|>...): off, a user cannot forge a system turn")
+    max_logprobs: int = Field(20, ge=-1, description="the most log-probabilities per position a request may ask "
+                              "for (logprobs, prompt_logprobs, top_logprobs), as vLLM's --max-logprobs; -1: the "
+                              "whole vocabulary")
     ui: bool = Field(False, description="also open the Gradio chat page (needs kdforge[ui])")
     ui_port: int = Field(7860, ge=0, le=65535, description="port of the chat page (with --ui)")
 
@@ -117,7 +120,7 @@ def run_serve(cfg: ServeConfig) -> int:
     with _serving(cfg, cfg.max_tokens_limit) as engine:
         server = dict(host=cfg.host, port=cfg.port, api_key=api_key, max_in_flight=cfg.max_in_flight,
                       aliases=aliases, max_body_bytes=cfg.max_body_bytes,
-                      allow_special_tokens=cfg.allow_special_tokens)
+                      allow_special_tokens=cfg.allow_special_tokens, max_logprobs=cfg.max_logprobs)
         if not cfg.ui:
             run_server(engine, name, **server)
             return 0
@@ -158,7 +161,7 @@ STAGES = (
     Stage("serve", "OpenAI-compatible HTTP server (continuous batching); --ui adds a chat page", ServeConfig,
           run_serve, positional="model",
           flags=(*_MODEL_FLAGS, "host", "port", "api_key", "max_in_flight", "max_tokens_limit", "max_body_bytes",
-                 "allow_special_tokens", "ui", "ui_port"),
+                 "allow_special_tokens", "max_logprobs", "ui", "ui_port"),
           pipeline=False),
     Stage("app", "Gradio chat page for a model (port 7860; needs kdforge[ui])", AppConfig, run_app,
           positional="model", flags=(*_MODEL_FLAGS, "host", "port", "open", *_CHAT_FLAGS), pipeline=False),
