@@ -197,3 +197,16 @@ def test_accelerate_launch_with_an_fsdp_config_runs_fsdp(setup):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "fsdp over 2 processes" in r.stdout
     _assert_same_run(ref, out)
+
+
+def test_fsdp_bf16_mixed_precision_tracks_one_process_bf16(setup):
+    """FSDP2 with bf16 compute (MixedPrecisionPolicy: bf16 gathers, fp32 reduction and master weights) against one
+    process with bf16 autocast: not bit-equal (different casts), but the same run to bf16 noise; fp32 weights saved."""
+    root, paths = setup
+    one, two = root / "bf16-one", root / "bf16-fsdp"
+    assert main(_args(paths, "qwen2", "cache", one, 4, "--set", "precision=bf16")) == 0
+    r = torchrun(_args(paths, "qwen2", "cache", two, 4, "--set", "precision=bf16",
+                       "--set", "distributed.strategy=fsdp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(two) == pytest.approx(_losses(one), rel=2e-3)
+    assert all(t.dtype == torch.float32 for t in _weights(two).values())

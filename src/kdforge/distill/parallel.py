@@ -76,9 +76,11 @@ class Parallel:
 
     # -- wrapping -------------------------------------------------------------------------------------
 
-    def wrap_student(self, root: TargetHidden) -> torch.nn.Module:
+    def wrap_student(self, root: TargetHidden, bf16: bool = False) -> torch.nn.Module:
         """The module the trainer calls and the optimizer sees (call before building the optimizer:
-        FSDP2 replaces the parameters with sharded DTensors)."""
+        FSDP2 replaces the parameters with sharded DTensors). ``bf16``: FSDP2 gathers bf16 copies of the
+        fp32 master shards for compute and reduces gradients in fp32, so no rank ever holds a full
+        fp32 or autocast-cast copy of the student (autocast alone would keep one per layer)."""
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -87,10 +89,12 @@ class Parallel:
             # output, and a traversal would mark it unused; the trainer sends every parameter a gradient.
             return DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None)
         if self.strategy == "fsdp":
-            _fully_shard_layers(root.model)
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            fully_shard(root)
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+            kw = {"mp_policy": policy} if policy is not None else {}
+            _fully_shard_layers(root.model, **kw)
+            fully_shard(root, **kw)
         return root
 
     def wrap_teacher(self, root: torch.nn.Module, shard: bool) -> torch.nn.Module:
@@ -141,12 +145,12 @@ class Parallel:
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _fully_shard_layers(model: torch.nn.Module) -> None:
+def _fully_shard_layers(model: torch.nn.Module, **kw: Any) -> None:
     """One FSDP2 unit per decoder layer (the usual transformer wrapping policy)."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.get_decoder().layers:
-        fully_shard(layer)
+        fully_shard(layer, **kw)
 
 
 def resolve(strategy: str, world: int) -> Strategy:

@@ -322,16 +322,16 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
     module.train()
     all_params = params + (list(projection.parameters()) if projection is not None else [])
     root = TargetHidden(module, projection)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if par.active:
         # DDP / FSDP2 wrap the module the trainer calls; FSDP2 swaps in sharded parameters, so the
         # optimizer is built on the wrapped module's. DDP has already made every rank's weights rank 0's.
-        root = par.wrap_student(root)
+        root = par.wrap_student(root, bf16=use_bf16)
         all_params = [p for p in root.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(all_params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
                             **({"foreach": True} if par.shards else {"fused": True}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(
         s, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule, cfg.min_lr_ratio))
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else None
     distiller = Distiller(cfg.objective(), teacher, module, vocab, layer_map, projection, autocast, par, root)
     sampler = MicroBatchSampler([len(e.input_ids) for e in data], [c.category for c in kept], cfg.batch_size,
