@@ -210,3 +210,18 @@ def test_fsdp_bf16_mixed_precision_tracks_one_process_bf16(setup):
     assert r.returncode == 0, r.stderr[-3000:]
     assert _losses(two) == pytest.approx(_losses(one), rel=2e-3)
     assert all(t.dtype == torch.float32 for t in _weights(two).values())
+
+
+@pytest.mark.parametrize("arch,source,zero_stage", [("qwen2", "cache", 2), ("qwen2", "cache", 3), ("llama", "live", 3)])
+def test_deepspeed_zero_equals_one_process(setup, arch, source, zero_stage):
+    """DeepSpeed ZeRO-2/3 (its CPU accelerator over gloo) through the same trainer: same losses and weights.
+    DeepSpeed is an optional extra (kdforge[deepspeed]); without it this test cannot run."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'kdforge[deepspeed]')")
+    root, paths = setup
+    ref = _one_process(setup, arch, source, 4)
+    out = root / f"zero{zero_stage}-{arch}-{source}"
+    r = torchrun(_args(paths, arch, source, out, 4, "--set", "distributed.strategy=deepspeed",
+                       "--set", f"distributed.zero_stage={zero_stage}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "deepspeed over 2 processes" in r.stdout
+    _assert_same_run(ref, out)

@@ -87,13 +87,33 @@ def is_sharded(path: Path) -> bool:
     return (path / SHARDED).is_dir()
 
 
-def save_sharded_checkpoint(out: Path, step: int, trainer_state: dict[str, Any], root: torch.nn.Module,
-                            opt: torch.optim.Optimizer, extra_state: dict[str, Any], keep: int) -> Path:
-    """Every rank calls this at the same step; each writes its shard, rank 0 the rest and the rename.
-    The temporary folder's name is the same on every rank (they write into one folder)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def is_deepspeed(path: Path) -> bool:
+    return (path / DEEPSPEED).is_dir()
 
+
+def load_deepspeed_checkpoint(path: Path, engine) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore a DeepSpeed engine (weights and partitioned optimizer state) at the world size that wrote it."""
+    try:
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        loaded, _ = engine.load_checkpoint(str(path / DEEPSPEED), tag="step", load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+        if loaded is None:
+            raise RuntimeError("DeepSpeed found no checkpoint there")
+        extra = torch.load(path / "state.pt", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {path} is unreadable ({e}); delete it to resume from the one before") from e
+    return trainer_state, extra
+
+
+DEEPSPEED = "deepspeed"  # the folder of a DeepSpeed run's checkpoint (the engine's own format)
+
+
+def save_sharded_checkpoint(out: Path, step: int, trainer_state: dict[str, Any], root: torch.nn.Module,
+                            opt: torch.optim.Optimizer, extra_state: dict[str, Any], keep: int,
+                            engine: bool = False) -> Path:
+    """Every rank calls this at the same step; each writes its shard, rank 0 the rest and the rename.
+    The temporary folder's name is the same on every rank (they write into one folder). ``engine``:
+    ``root`` is a DeepSpeed engine, which writes its own partitioned checkpoint."""
     final = checkpoint_dir(out) / f"step-{step:06d}"
     tmp = final.with_name(f".{final.name}.tmp-sharded")
     if distributed.is_main():
@@ -101,8 +121,14 @@ def save_sharded_checkpoint(out: Path, step: int, trainer_state: dict[str, Any],
             shutil.rmtree(tmp)  # a killed run's leftover
         tmp.mkdir(parents=True)
     distributed.barrier()
-    model_sd, optim_sd = get_state_dict(root, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED))
+    if engine:
+        root.save_checkpoint(str(tmp / DEEPSPEED), tag="step", save_latest=False)
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(root, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED))
     distributed.barrier()
     if distributed.is_main():
         torch.save(extra_state | {"rng": rng_states()}, tmp / "state.pt")

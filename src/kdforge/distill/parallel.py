@@ -35,7 +35,29 @@ import torch
 from kdforge import distributed
 from kdforge.models.forward import target_hidden
 
-Strategy = Literal["none", "ddp", "fsdp"]
+Strategy = Literal["none", "ddp", "fsdp", "deepspeed"]
+
+
+class _GradInto(torch.autograd.Function):
+    """A zero scalar whose backward hands ``grad`` to ``param``: a gradient computed elsewhere enters the one
+    backward pass through the parameter's own accumulation hooks (DDP's reducer, FSDP2's reduce-scatter,
+    ZeRO's partitioning). Nothing of ``param`` is saved or read: a ZeRO-3 weight outside its module's forward
+    is an empty partition."""
+
+    @staticmethod
+    def forward(ctx, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return grad.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, out_grad: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * out_grad, None
+
+
+def grad_into(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Sum of zero scalars carrying each (parameter, gradient) pair's gradient into the backward pass."""
+    return sum((_GradInto.apply(p, g) for p, g in pairs), torch.zeros(()))
 
 
 class TargetHidden(torch.nn.Module):
@@ -61,6 +83,7 @@ class Parallel:
     strategy: Strategy = "none"
     rank: int = 0
     world: int = 1
+    zero_stage: int = 3  # DeepSpeed only: 2 shards gradients and optimizer state, 3 the weights too
 
     @property
     def active(self) -> bool:
@@ -68,7 +91,12 @@ class Parallel:
 
     @property
     def shards(self) -> bool:
-        return self.strategy == "fsdp"
+        """True where no rank holds the whole student's weights (FSDP2, ZeRO-3)."""
+        return self.strategy == "fsdp" or self.zero3
+
+    @property
+    def zero3(self) -> bool:
+        return self.strategy == "deepspeed" and self.zero_stage == 3
 
     def mine(self, items: list) -> list:
         """This rank's share of a step's global micro-batch list."""
@@ -112,7 +140,56 @@ class Parallel:
             return module.no_sync()
         if self.strategy == "fsdp":
             module.set_requires_gradient_sync(last)
+        if self.strategy == "deepspeed":
+            module.set_gradient_accumulation_boundary(last)
         return contextlib.nullcontext()
+
+    def backward(self, module: torch.nn.Module, loss: torch.Tensor) -> None:
+        """The micro-batch's one backward pass (DeepSpeed's engine runs it; already normalised: no 1/accumulation)."""
+        if self.strategy == "deepspeed":
+            module.backward(loss, scale_wrt_gas=False)
+        else:
+            loss.backward()
+
+    def gathered(self, params: list[torch.Tensor]):
+        """Context in which ``params`` hold their full values on every rank (ZeRO-3 keeps a partition each)."""
+        if self.zero3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params)
+        return contextlib.nullcontext()
+
+    def zeros_like(self, p: torch.Tensor) -> torch.Tensor:
+        """A zero tensor of ``p``'s full shape (a ZeRO-3 parameter's own shape is its empty partition's)."""
+        shape = getattr(p, "ds_shape", None)
+        return torch.zeros(shape, dtype=p.dtype, device=p.device) if shape is not None else torch.zeros_like(p)
+
+    def deepspeed_engine(self, root: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches_per_rank: int,
+                         batch_size: int, max_grad_norm: float, bf16: bool) -> torch.nn.Module:
+        """DeepSpeed's engine around the student and the client AdamW: ZeRO-2/3 partitions the optimizer state
+        and gradients (and at stage 3 the weights), clips at ``max_grad_norm`` and steps; the trainer keeps
+        its own data order, normalisation and LambdaLR schedule (which sets the client optimizer's lr)."""
+        import deepspeed
+
+        config = {"train_micro_batch_size_per_gpu": batch_size,
+                  "gradient_accumulation_steps": micro_batches_per_rank,
+                  "gradient_clipping": max_grad_norm,
+                  "zero_optimization": {"stage": self.zero_stage},
+                  "bf16": {"enabled": bf16},
+                  "steps_per_print": 10**9, "wall_clock_breakdown": False}
+        engine, _opt, _, _ = deepspeed.initialize(model=root, optimizer=opt, config=config)
+        return engine
+
+    def step(self, module: torch.nn.Module, opt: torch.optim.Optimizer, params: list[torch.Tensor],
+             max_grad_norm: float) -> float:
+        """Clip and take the optimizer step; returns the global gradient norm before clipping."""
+        if self.strategy == "deepspeed":
+            module.step()  # clips, steps the partitioned optimizer, zeroes the gradients
+            return float(module.get_global_grad_norm())
+        norm = self.clip_grad_norm(params, max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
 
     # -- reductions -----------------------------------------------------------------------------------
 
@@ -139,6 +216,10 @@ class Parallel:
         """The unsharded state dict on rank 0 (CPU tensors), {} on the others; a collective under FSDP."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        if self.strategy == "deepspeed":
+            inner = module.module  # the engine's TargetHidden
+            with self.gathered(list(inner.parameters())):
+                return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()} if self.rank == 0 else {}
         if not self.shards:
             inner = module.module if self.strategy == "ddp" else module
             return inner.state_dict() if self.rank == 0 else {}
@@ -155,11 +236,15 @@ def _fully_shard_layers(model: torch.nn.Module, **kw: Any) -> None:
 
 def resolve(strategy: str, world: int) -> Strategy:
     """The strategy this run uses: "auto" is FSDP when an accelerate config asked for it, else DDP when
-    launched with several processes; one process never wraps (nothing to synchronise)."""
+    launched with several processes; one process does not wrap (nothing to synchronise), except that
+    "fsdp" named explicitly under a launcher (`torchrun --nproc-per-node 1`, whose rendezvous variables
+    let `fully_shard` make its one-process group) runs FSDP2 at world size 1: what a one-GPU run of a
+    sharded recipe measures (benchmarks/cuda_check.py). A process started without a launcher never wraps."""
     import os
 
     if world <= 1:
-        return "none"
+        launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+        return "fsdp" if strategy == "fsdp" and launched else "none"
     if strategy == "auto":
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
             return "deepspeed"  # type: ignore[return-value]  # refused by the caller with a clear message
@@ -167,8 +252,12 @@ def resolve(strategy: str, world: int) -> Strategy:
     return strategy  # type: ignore[return-value]
 
 
-def current(strategy: str) -> Parallel:
-    return Parallel(resolve(strategy, distributed.world_size()), distributed.rank(), distributed.world_size())
+def current(strategy: str, zero_stage: int = 3) -> Parallel:
+    """This rank's Parallel; ``zero_stage`` is what DeepSpeed uses (an accelerate DeepSpeed config's wins)."""
+    import os
+
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", zero_stage))
+    return Parallel(resolve(strategy, distributed.world_size()), distributed.rank(), distributed.world_size(), stage)
 
 
 def unwrap(module: Any) -> Any:

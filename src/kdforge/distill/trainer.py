@@ -25,7 +25,7 @@ from kdforge.data.chat import IGNORE_INDEX, EncodedConversation, encode_conversa
 from kdforge.data.formats import Conversation
 from kdforge.distill.alignment import attention_loss_sum, default_layer_map, hidden_loss_sum
 from kdforge.distill.losses import SparseSignal, hard_ce, kd_terms, soft_divergence
-from kdforge.distill.parallel import Parallel, TargetHidden
+from kdforge.distill.parallel import Parallel, TargetHidden, grad_into
 from kdforge.distill.schedules import Progress, Schedule
 from kdforge.distill.teacher_source import CachedTeacher, LiveTeacher, TeacherRequest
 from kdforge.models.forward import capture, project
@@ -186,16 +186,21 @@ class Distiller:
             # The output projection's deferred gradient enters with the micro-batch's one backward pass
             # (kdforge.distill.parallel), and under DDP every trained parameter must receive a gradient
             # in it: a zero one where this step uses none.
-            loss = loss + sum((p * g).sum() for p, g in head_grads)
-            if not head_grads:
-                loss = loss + sum((p * 0).sum() for p in self.student.get_output_embeddings().parameters()
-                                  if p.requires_grad)
+            unused = [] if head_grads else [p for p in self.student.get_output_embeddings().parameters()
+                                            if p.requires_grad]
             if self.projection is not None and not hid:
-                loss = loss + sum((p * 0).sum() for p in self.projection.parameters())
-            # DDP and FSDP2 average gradients over ranks; the terms are already per token of the global step.
-            loss = loss * par.world
+                unused += list(self.projection.parameters())
+            pairs = head_grads + [(p, par.zeros_like(p)) for p in unused]
+            # ZeRO-3: these weights are whole from here to the end of the backward pass (autograd checks the
+            # gradient's shape against the weight's, once at the call and once at accumulation).
+            with par.gathered([p for p, _ in pairs]):
+                loss = loss + grad_into(pairs).to(loss.device)
+                if loss.requires_grad:
+                    # DDP, FSDP2 and DeepSpeed average gradients over ranks; terms are per token of the global step.
+                    par.backward(self.root, loss * par.world)
+            return
         if loss.requires_grad:
-            loss.backward()
+            par.backward(self.root, loss)
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -235,7 +240,7 @@ class Distiller:
         sums = {"loss": 0.0, "ce": 0.0, "soft": 0.0}
         defer = self.parallel.active and leaf.requires_grad
         head = [p for p in self.student.get_output_embeddings().parameters() if p.requires_grad] if defer else []
-        head_grads = [torch.zeros_like(p) for p in head]
+        head_grads = [self.parallel.zeros_like(p) for p in head]
         leaf_grad = torch.zeros_like(leaf) if defer else None  # (N, H)
         for start in range(0, n, size):
             sl = slice(start, start + size)

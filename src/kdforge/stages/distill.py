@@ -56,7 +56,9 @@ class DistributedSettings(StageConfig):
         "never wraps")
     teacher: Literal["auto", "shard", "replicate"] = Field(
         "auto", description="a live teacher: shard (FSDP2 forward-only, 1/N per rank) or replicate (a whole copy "
-        "per rank); auto: shard under fsdp, replicate under ddp")
+        "per rank); auto: shard under fsdp and ZeRO-3, replicate under ddp and ZeRO-2")
+    zero_stage: Literal[2, 3] = Field(3, description="deepspeed: 2 partitions gradients and optimizer state, 3 the "
+                                      "weights too (an accelerate DeepSpeed config's zero_stage wins)")
 
 
 class DistillConfig(StageConfig):
@@ -236,13 +238,16 @@ def _parallel(cfg: DistillConfig):
     from kdforge import distributed
     from kdforge.distill.parallel import current
 
-    par = current(cfg.distributed.strategy)
+    par = current(cfg.distributed.strategy, cfg.distributed.zero_stage)
     if par.strategy == "deepspeed":
-        raise ConfigError("distributed.strategy deepspeed is not supported yet: use fsdp (FSDP2 shards weights, "
-                          "gradients and optimizer state like ZeRO-3) or ddp; see docs/distributed.md")
-    if par.strategy == "fsdp" and cfg.method == "lora":
-        raise ConfigError("method lora with distributed.strategy fsdp is not supported: use ddp for LoRA "
-                          "(the base weights are frozen, only the adapters are all-reduced)")
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError("distributed.strategy deepspeed needs DeepSpeed: pip install 'kdforge[deepspeed]' "
+                              "(or fsdp: FSDP2 shards weights, gradients and optimizer state like ZeRO-3)") from None
+    if par.strategy in ("fsdp", "deepspeed") and cfg.method == "lora":
+        raise ConfigError(f"method lora with distributed.strategy {par.strategy} is not supported: use ddp for "
+                          "LoRA (the base weights are frozen, only the adapters are all-reduced)")
     world = distributed.world_size()
     if cfg.global_batch_size is None:
         accum = cfg.grad_accum
@@ -261,7 +266,14 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
 
     from kdforge import distributed
     from kdforge.data.formats import load_training_data, select_split
-    from kdforge.distill.checkpoint import is_sharded, load_checkpoint, load_sharded_checkpoint, set_rng_states
+    from kdforge.distill.checkpoint import (
+        is_deepspeed,
+        is_sharded,
+        load_checkpoint,
+        load_deepspeed_checkpoint,
+        load_sharded_checkpoint,
+        set_rng_states,
+    )
     from kdforge.distill.parallel import TargetHidden
     from kdforge.distill.sampler import MicroBatchSampler
     from kdforge.distill.trainer import (
@@ -333,6 +345,9 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(
         s, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule, cfg.min_lr_ratio))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else None
+    if par.strategy == "deepspeed":
+        root = par.deepspeed_engine(root, opt, micro_per_step // par.world, cfg.batch_size, cfg.max_grad_norm,
+                                    use_bf16)
     distiller = Distiller(cfg.objective(), teacher, module, vocab, layer_map, projection, autocast, par, root)
     sampler = MicroBatchSampler([len(e.input_ids) for e in data], [c.category for c in kept], cfg.batch_size,
                                 cfg.seed, cfg.category_weights)
@@ -340,7 +355,16 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
     start_step, consumed = 0, 0
     log_path = out / LOG_NAME
     if resume_from is not None:
-        if is_sharded(resume_from):
+        if is_deepspeed(resume_from) != (par.strategy == "deepspeed"):
+            raise ConfigError(f"{resume_from} was {'' if is_deepspeed(resume_from) else 'not '}written by DeepSpeed: "
+                              "resume it with the strategy and the number of processes that wrote it (DeepSpeed's "
+                              "partitions are per world size; fsdp and ddp checkpoints resume at any)")
+        if is_deepspeed(resume_from):
+            state, extra = load_deepspeed_checkpoint(resume_from, root)
+            if state.get("world_size") != par.world:
+                raise ConfigError(f"{resume_from} is a DeepSpeed checkpoint of {state.get('world_size')} processes: "
+                                  "resume it with as many (fsdp and ddp checkpoints resume at any world size)")
+        elif is_sharded(resume_from):
             state, extra = load_sharded_checkpoint(resume_from, root, opt)
         elif par.active:
             raise ConfigError(f"{resume_from} was written by a one-process run: resume it in one process (the "
@@ -427,10 +451,8 @@ def _loop(t: _Training) -> int:
                                     t.tok.pad_token_id))
         t.consumed += t.micro_per_step
         r = t.distiller.step(par.mine(micro), progress, step_totals(micro))
-        grad_norm = par.clip_grad_norm(t.params, cfg.max_grad_norm)
-        t.opt.step()
+        grad_norm = par.step(t.root, t.opt, t.params, cfg.max_grad_norm)
         t.sched.step()
-        t.opt.zero_grad(set_to_none=True)
         total_targets += r["targets"]
         for k in ("loss", "ce", "soft", "hidden", "attention"):
             window[k] = window.get(k, 0.0) + r[k] * r["targets"]
@@ -459,7 +481,8 @@ def _loop(t: _Training) -> int:
                      "world_size": par.world}
             if par.active:
                 save_sharded_checkpoint(t.out, step + 1, state, t.root, t.opt,
-                                        {"scheduler": t.sched.state_dict()}, cfg.keep_checkpoints)
+                                        {"scheduler": t.sched.state_dict()}, cfg.keep_checkpoints,
+                                        engine=par.strategy == "deepspeed")
             else:
                 save_checkpoint(t.out, step + 1, state, t.module,
                                 {"optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(),
@@ -489,7 +512,8 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
     from kdforge import distributed
 
     cfg = t.cfg
-    state = t.par.full_state_dict(t.root) if t.par.shards else None  # a collective: every rank takes part
+    # A collective where weights are sharded (every rank takes part); DeepSpeed's engine holds its own copy.
+    state = t.par.full_state_dict(t.root) if t.par.shards or t.par.strategy == "deepspeed" else None
     if not distributed.is_main():
         return {}
     final = t.module.merge_and_unload() if cfg.method == "lora" else t.module
