@@ -145,9 +145,10 @@ def test_a_72b_bf16_teacher_fits_two_80gb_gpus_mapped_but_not_one():
 def test_full_adamw_of_a_7b_student_per_strategy_by_hand():
     """16 bytes a parameter (fp32 weights, fp32 gradients, two fp32 moments), sharded by the world size under
     FSDP and ZeRO-3: 7,615,616,512 * 16 / 8 = 15,231,233,024 bytes a GPU. DDP keeps all of it, plus its
-    gradient buckets (4 bytes a parameter); under bf16 autocast every strategy of kdforge's trainer keeps the
-    bf16 casts of the layers' weights (2 bytes each); ZeRO-Offload keeps bf16 weight and gradient shards (4 / 8 bytes a
-    parameter) and moves the 16 bytes to the host."""
+    gradient buckets (4 bytes a parameter); under bf16 autocast (one GPU, DDP) the trainer keeps the bf16
+    casts of the layers' weights (2 bytes each); FSDP2's bf16 policy gathers bf16 copies instead and keeps
+    no such copy; ZeRO-Offload keeps bf16 weight and gradient shards (4 / 8 bytes a parameter) and moves
+    the 16 bytes to the host."""
     p = 7_615_616_512
     plan = make_plan(Q72, Q7, mem.Hardware("gpu", 8, 80 * GB), _workload())
     state = ("weights", "gradients", "adam")
@@ -158,27 +159,39 @@ def test_full_adamw_of_a_7b_student_per_strategy_by_hand():
     # the bf16 casts: every layer's projection weights and q/k/v biases, 28 x 233,050,624, 2 bytes each
     assert sum(ddp.parts[k] for k in state) == p * 16 and ddp.parts["compute_copy"] == 2 * 28 * 233_050_624
     assert ddp.parts["buckets"] == p * 4 and not ddp.fits
+    single = _rows(plan, "distill", strategy="single", checkpointing=True)[0]
+    assert single.parts["compute_copy"] == ddp.parts["compute_copy"]
     off = _rows(plan, "distill", strategy="zero3-offload", checkpointing=True)[0]
     assert off.parts["weights"] + off.parts["gradients"] == p * 4 // 8 and off.host == p * 16
-    # FSDP2 as kdforge wraps it: the root (embeddings, untied head, final norm) unsharded with its gradient,
-    # 8 bytes each; two layers gathered and one layer's gradient, 12 bytes a layer parameter; the parallel
-    # run's fp32 buffer for the head's gradient, V x hidden x 4
+    # FSDP2 as kdforge wraps it, bf16 policy: the root (embeddings, untied head, final norm) as a bf16 copy
+    # with its bf16 gradient and the fp32 reduce-scatter input, 2 + 2 + 4 bytes each; two layers gathered in
+    # bf16 and one layer's bf16 gradient with its fp32 reduce-scatter input, 2*2 + 2 + 4 bytes a layer
+    # parameter; the parallel run's buffer for the head's gradient in the gathered head's bf16, V x hidden x 2
+    # (DDP's is fp32: x 4); no autocast copy
     fsdp = _rows(plan, "distill", strategy="fsdp", checkpointing=True)[0]
-    assert fsdp.parts["gathered"] == (2 * 152064 * 3584 + 3584) * 8 + 233_057_792 * 12
-    assert fsdp.parts["head_grad"] == ddp.parts["head_grad"] == 152064 * 3584 * 4
-    assert fsdp.parts["compute_copy"] == ddp.parts["compute_copy"]
+    assert fsdp.parts["gathered"] == (2 * 152064 * 3584 + 3584) * 8 + 233_057_792 * 10 == 11_050_564_608
+    assert fsdp.parts["head_grad"] == 152064 * 3584 * 2 and ddp.parts["head_grad"] == 152064 * 3584 * 4
+    assert fsdp.parts["compute_copy"] == 0
+    assert fsdp.precision == "bf16 params, fp32 master" and ddp.precision == "bf16 mixed"
 
 
 def test_activations_and_logits_by_hand():
     """A Qwen2.5-7B layer under bf16 autocast keeps 26h + 4q + 4g + 8I + 4 heads + 8 bytes a token
     (h 3584, q 3584, g 512, I 18944, 28 heads): 93,184 + 14,336 + 2,048 + 151,552 + 112 + 8 = 261,240;
-    in fp32 24h + 8q + 8g + 16I + 4 heads + 8 = 86,016 + 28,672 + 4,096 + 303,104 + 112 + 8 = 422,008."""
-    assert mem.layer_activation_bytes(Q7, mixed=True) == 261_240
-    assert mem.layer_activation_bytes(Q7, mixed=False) == 422_008
+    with bf16 weights (FSDP2's bf16 policy) 16h + 4q + 4g + 8I + 4 heads + 8 = 57,344 + 14,336 + 2,048 +
+    151,552 + 112 + 8 = 225,400; in fp32 24h + 8q + 8g + 16I + 4 heads + 8 = 86,016 + 28,672 + 4,096 +
+    303,104 + 112 + 8 = 422,008."""
+    assert mem.layer_activation_bytes(Q7, mem.AUTOCAST) == 261_240
+    assert mem.layer_activation_bytes(Q7, mem.BF16) == 225_400
+    assert mem.layer_activation_bytes(Q7, mem.FP32) == 422_008
     top = 4096 * (8 * 3584 + 8 * 128 + 12)
-    assert mem.activation_bytes(Q7, 4096, False, True) == 28 * 4096 * 261_240 + top
+    assert mem.activation_bytes(Q7, 4096, False, mem.AUTOCAST) == 28 * 4096 * 261_240 + top
     # checkpointing: each layer's fp32 input, and one layer recomputed at a time
-    assert mem.activation_bytes(Q7, 4096, True, True) == 28 * 4096 * 3584 * 4 + 4096 * 261_240 + top
+    assert mem.activation_bytes(Q7, 4096, True, mem.AUTOCAST) == 28 * 4096 * 3584 * 4 + 4096 * 261_240 + top
+    # bf16 weights: a bf16 residual stream (2h a checkpointed layer input), the final norm 6h + 4, bf16 cos/sin
+    top16 = 4096 * (6 * 3584 + 4 * 128 + 12)
+    assert mem.activation_bytes(Q7, 4096, False, mem.BF16) == 28 * 4096 * 225_400 + top16 == 25_940_901_888
+    assert mem.activation_bytes(Q7, 4096, True, mem.BF16) == 28 * 4096 * 3584 * 2 + 4096 * 225_400 + top16
     # the chunked loss holds (256, V) buffers of 16 bytes an entry, fewer rows when there are fewer targets
     assert mem.logits_chunk_bytes(Q7, 2048, 256) == 256 * 152064 * 16
     assert mem.logits_chunk_bytes(Q7, 100, 256) == 100 * 152064 * 16
@@ -217,12 +230,127 @@ def test_activation_bytes_are_what_transformers_keeps_for_the_backward(kind, mix
         return sum(kept.values())
 
     arch = from_config(config_type(**common, num_hidden_layers=1).to_dict(), "tiny")
+    compute = mem.AUTOCAST if mixed else mem.FP32
     # one layer's bf16 weight casts (autocast caches the biases' casts too, but the backward keeps none)
     copies = 2 * arch.layer_linear if mixed else 0
     one, three = saved(1), saved(3)
-    assert (three - one) // 2 == tokens * mem.layer_activation_bytes(arch, mixed) + copies
-    assert one == mem.activation_bytes(arch, tokens, False, mixed) + copies
+    assert (three - one) // 2 == tokens * mem.layer_activation_bytes(arch, compute) + copies
+    assert one == mem.activation_bytes(arch, tokens, False, compute) + copies
     assert (saved(3, True) - saved(1, True)) // 2 == tokens * 4 * arch.hidden_size
+
+
+# Run by two gloo processes (torchrun): the student wrapped as kdforge's FSDP2 wraps it with bf16 (the
+# MixedPrecisionPolicy of kdforge.distill.parallel), a forward under autocast as the trainer runs it, then a
+# backward; prints what the plan's FSDP rows count, measured: the saved tensors still holding memory after
+# the forward (resharded layers' gathered weights hold none), each gathered layer's weights, the gradients
+# that enter each reduce-scatter and the reduce dtype, the dtypes of master weights and their gradients.
+FSDP_PROBE = """
+import json, sys
+import torch, torch.distributed as dist, transformers
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_group
+from kdforge.distill.parallel import Parallel, TargetHidden
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+TOKENS, COMMON = 128, json.loads(sys.argv[1])
+reduces = []
+reduce = fsdp_group.foreach_reduce
+
+def spy(params, grads, group, stream, comm, orig_dtype, reduce_dtype, *a, **k):
+    reduces.append([sorted({str(g.dtype) for g in grads}), sum(g.numel() * g.element_size() for g in grads),
+                    str(reduce_dtype)])
+    return reduce(params, grads, group, stream, comm, orig_dtype, reduce_dtype, *a, **k)
+
+fsdp_group.foreach_reduce = spy
+
+def run(kind, layers, ckpt):
+    cls = transformers.Qwen2Config if kind == "qwen2" else transformers.LlamaConfig
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cls(**COMMON, num_hidden_layers=layers,
+                                                              attn_implementation="sdpa")).train()
+    if ckpt:
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    root = Parallel("fsdp", rank, world).wrap_student(TargetHidden(model), bf16=True)
+    gathered = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, a: gathered.append(
+        [sorted({str(p.dtype) for p in m.parameters()}), sum(p.numel() * p.element_size() for p in m.parameters())]))
+    kept = []
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            kept.append(t.untyped_storage())
+        return t
+    ids = torch.randint(0, COMMON["vocab_size"], (1, TOKENS))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = root(ids, torch.ones_like(ids), ids, targets=False)
+    saved = sum({s.data_ptr(): s.nbytes() for s in kept if s.nbytes()}.values())
+    head = str(model.get_output_embeddings().weight.dtype)  # what the deferred head gradient is made like
+    reduces.clear()
+    out.float().square().sum().backward()
+    return {"saved": saved, "gathered": gathered[0], "head": head, "reduces": list(reduces),
+            "master": sorted({str(p.dtype) for p in root.parameters()}),
+            "grads": sorted({str(p.grad.dtype) for p in root.parameters() if p.grad is not None})}
+
+res = {f"{k} {n} {c}": run(k, n, c) for k in ("qwen2", "llama") for n in (1, 3) for c in (False, True)}
+if rank == 0:
+    print("PROBE " + json.dumps(res))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.integration
+def test_fsdp_bf16_rows_are_what_fsdp2_keeps_over_two_processes(tmp_path):
+    """Under FSDP2 with kdforge's bf16 policy (bf16 gathers of fp32 master shards, fp32 reduction), measured
+    over two gloo processes on tiny untied Qwen2 and Llama models: each gathered layer is bf16, 2 bytes a
+    parameter; its gradient enters the reduce-scatter in bf16 (2 bytes) and is reduced in fp32 (the 4-byte
+    reduce-scatter input); master weights and their gradients stay fp32; the head the deferred gradient is
+    summed like is bf16; and the saved tensors are the bf16 formula's to the byte, with no weight cast kept
+    (the autocast rows' compute copy is absent) and a bf16 layer input (2h a token) under checkpointing."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import transformers
+
+    common = dict(vocab_size=256, hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=False)
+    script = tmp_path / "probe.py"
+    script.write_text(FSDP_PROBE)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                        "127.0.0.1", "--master-port", str(port), str(script), json.dumps(common)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("PROBE "))[6:])
+    tokens = 128
+    for kind in ("qwen2", "llama"):
+        cls = transformers.Qwen2Config if kind == "qwen2" else transformers.LlamaConfig
+        arch = from_config(cls(**common, num_hidden_layers=1).to_dict(), "tiny")
+        one, three = res[f"{kind} 1 False"], res[f"{kind} 3 False"]
+        assert (three["saved"] - one["saved"]) // 2 == tokens * mem.layer_activation_bytes(arch, mem.BF16), kind
+        assert one["saved"] == mem.activation_bytes(arch, tokens, False, mem.BF16), kind
+        ckpt = (res[f"{kind} 3 True"]["saved"] - res[f"{kind} 1 True"]["saved"]) // 2
+        assert ckpt == tokens * 2 * arch.hidden_size, kind
+        for name, case in res.items():
+            if not name.startswith(kind):
+                continue
+            assert case["gathered"] == [["torch.bfloat16"], mem.FSDP_GATHER * arch.layer_params], name
+            layer_grads = case["reduces"][:-1]  # each layer's, last to first; then the root's
+            assert layer_grads == [[["torch.bfloat16"], mem.FSDP_GRAD * arch.layer_params, "torch.float32"]] * (
+                len(case["reduces"]) - 1), name
+            assert mem.FSDP_REDUCE == torch_size("float32")
+            assert case["master"] == case["grads"] == ["torch.float32"], name
+            assert case["head"] == "torch.bfloat16" and mem.HEAD_GRAD[mem.BF16] == torch_size("bfloat16"), name
+
+
+def torch_size(dtype: str) -> int:
+    import torch
+
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 def test_kv_cache_by_hand():
@@ -249,12 +377,18 @@ def test_label_cache_bytes_match_the_cache_format():
 
 
 def test_the_recommendation_on_8x80gb():
+    """FSDP on 8 GPUs without checkpointing, by hand: the sharded state 15,231,233,024, the gathered units
+    11,050,564,608, the bf16 head-gradient buffer 1,089,994,752, the activations of 4096 tokens in bf16
+    25,940,901,888 and the loss chunk 256 x 152064 x 16 = 622,854,144: 53,935,548,416 bytes, under 90% of the
+    76 GB usable (68.4 GB), so no checkpointing is needed."""
     plan = make_plan(Q72, Q7, mem.Hardware("gpu", 8, 80 * GB), _workload(conversations=10_000))
     rec = plan.recommendation
     assert rec.teacher["precision"] == "bf16" and rec.teacher["devices_per_copy"] == 4 and rec.teacher["copies"] == 2
     assert rec.distill["strategy"] == "fsdp" and rec.distill["accumulation"] == 16
-    # without checkpointing FSDP needs 72.7 of the 76 GB usable: fits, but with under 10% to spare
-    assert rec.distill["checkpointing"] and "72.7 GB without" in rec.text
+    fsdp = _rows(plan, "distill", strategy="fsdp", checkpointing=False)[0]
+    assert fsdp.total == 15_231_233_024 + 11_050_564_608 + 1_089_994_752 + 25_940_901_888 + 622_854_144
+    assert fsdp.total == 53_935_548_416 < 0.9 * 76 * GB
+    assert not rec.distill["checkpointing"] and "53.9 GB per GPU, no activation checkpointing needed" in rec.text
     assert rec.distill["global_batch"] == 128
     assert "across 4 GPUs" in rec.text and "with FSDP on 8 GPUs, micro-batch 1, accumulation 16" in rec.text
     # every row that fits is within the usable memory; the chosen ones are among them

@@ -24,15 +24,26 @@ INT8_ROW_SCALE = 4  # LLM.int8: one fp32 scale per output row
 TEACHER_PRECISIONS = {"gpu": ("bf16", "int8", "nf4"), "cpu": ("fp32", "bf16")}
 
 # Full training with AdamW, per trainable parameter, before any sharding: what kdforge's trainer holds
-# (fp32 parameters under bf16 autocast, fp32 gradients, two fp32 moments). DeepSpeed's bf16 optimizer
-# splits the same 16 bytes as 2 (bf16 weights) + 2 (bf16 grads) + 4 (fp32 master) + 8 (moments).
+# (fp32 parameters, fp32 gradients, two fp32 moments). DeepSpeed's bf16 optimizer splits the same 16
+# bytes as 2 (bf16 weights) + 2 (bf16 grads) + 4 (fp32 master) + 8 (moments).
 STATE_BYTES = {"weights": 4, "gradients": 4, "adam": 8}
+# How a GPU computes, by strategy (one CPU trains in fp32 throughout):
+#   autocast  one device and DDP: bf16 autocast over the fp32 parameters; the residual stream stays fp32
+#   bf16      FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), as distill/parallel.py
+#             wraps the student, and DeepSpeed's bf16 engine: the units are gathered as bf16 copies of
+#             the fp32 master shards, so the model computes in bf16 weights and its residual stream is bf16
+AUTOCAST, BF16, FP32 = "autocast", "bf16", "fp32"
 # autocast caches the bf16 cast of every fp32 weight it multiplies until its context (the whole forward)
-# exits, and the backward keeps them: 2 bytes a layer weight of the whole model, under FSDP2 too (its
-# gathered parameters are leaves like any other). DeepSpeed's bf16 engine computes in its own weights.
+# exits, and the backward keeps them: 2 bytes a layer weight of the whole model (single, DDP). Under
+# FSDP2's bf16 policy the gathered weights are bf16 already and autocast casts nothing.
 COMPUTE_COPY = 2
 DDP_BUCKETS = 4      # DDP copies the fp32 gradients into its all-reduce buckets (gradient_as_bucket_view=False)
-HEAD_GRAD = 4        # a parallel run sums the output projection's per-chunk gradients in an fp32 buffer
+# A parallel run sums the output projection's per-chunk gradients in a buffer of the head's dtype as the
+# trainer sees it: fp32 under DDP, the gathered bf16 head under FSDP2's bf16 policy.
+HEAD_GRAD = {AUTOCAST: 4, BF16: 2, FP32: 4}
+# FSDP2 with the bf16 policy, bytes per parameter of a unit: its bf16 gathered copy (2), its bf16
+# unsharded gradient (2) and the fp32 reduce-scatter input it is copied into (4, reduce_dtype=fp32).
+FSDP_GATHER, FSDP_GRAD, FSDP_REDUCE = 2, 2, 4
 ZERO3_MAX_LIVE = 10**9  # DeepSpeed stage3_max_live_parameters (its default)
 # (chunk, V) buffers of the chunked loss, per position and vocabulary entry: the student's logits and
 # their fp32 copy, log-probabilities and gradient; 16 bytes covers bf16 on GPU and fp32 on CPU.
@@ -166,15 +177,17 @@ def root_params(arch: Architecture) -> int:
 
 def fsdp_gathered(arch: Architecture) -> int:
     """FSDP2 as kdforge wraps the student (each decoder layer a unit; the root gathered from its forward to
-    its backward), fp32 parameters: the root's parameters and its gradient unsharded (8 bytes each), two
-    layers gathered (the one computing and the prefetched one) and one layer's gradient before its
-    reduce-scatter (12 bytes a layer parameter)."""
-    return root_params(arch) * (4 + 4) + arch.layer_params * (2 * 4 + 4)
+    its backward) under the bf16 policy: the root's bf16 copy, its bf16 gradient and fp32 reduce-scatter
+    input (8 bytes a root parameter); two layers gathered in bf16 (the one computing and the prefetched
+    one) and one layer's bf16 gradient with its fp32 reduce-scatter input (10 bytes a layer parameter)."""
+    unit = FSDP_GATHER + FSDP_GRAD + FSDP_REDUCE
+    return root_params(arch) * unit + arch.layer_params * (FSDP_GATHER + unit)
 
 
-def head_grad_bytes(arch: Architecture) -> int:
-    """The fp32 buffer a parallel run sums the output projection's chunk gradients in (V x hidden)."""
-    return arch.vocab_size * arch.hidden_size * HEAD_GRAD
+def head_grad_bytes(arch: Architecture, compute: str = AUTOCAST) -> int:
+    """The buffer a parallel run sums the output projection's chunk gradients in (V x hidden, in the head's
+    dtype as the trainer sees it: fp32 under DDP, bf16 under FSDP2's bf16 policy)."""
+    return arch.vocab_size * arch.hidden_size * HEAD_GRAD[compute]
 
 
 def zero3_gathered(arch: Architecture) -> int:
@@ -186,41 +199,51 @@ def zero3_gathered(arch: Architecture) -> int:
 
 # --- activations ---------------------------------------------------------------------------------------
 
-def layer_activation_bytes(arch: Architecture, mixed: bool) -> int:
+def layer_activation_bytes(arch: Architecture, compute: str) -> int:
     """Bytes one decoder layer keeps for its backward pass, per token, as transformers' Llama/Qwen2 layers
     keep them (Korthikanti et al. 2022's method, counting the tensors autograd saves; the terms were read
-    off saved-tensor hooks, and tests/test_plan.py measures them on tiny models). SDPA attention, which
-    saves no (s, s) scores; no dropout.
+    off saved-tensor hooks, and tests/test_plan.py measures them on tiny models, under FSDP2 over two
+    processes for bf16). SDPA attention, which saves no (s, s) scores; no dropout.
 
-    mixed (bf16 autocast over fp32 weights: kdforge on a GPU): the residual stream stays fp32, so each
+    autocast (bf16 autocast over fp32 weights: one GPU, DDP): the residual stream stays fp32, so each
     RMSNorm keeps its fp32 input and output and the rsqrt (2 x (8h + 4)); autocast casts the norm's output
     to bf16 once for each projection that reads it (q, k, v: 6h; gate, up: 4h); SDPA keeps bf16 q, k, v
     and its output (4q + 4g) and an fp32 log-sum-exp per head; the MLP keeps gate, up, SiLU(gate) and the
     down projection's input in bf16 (8I): 26h + 4q + 4g + 8I + 4 heads + 8.
-    fp32 (a CPU): the norms as above, their outputs shared by the projections (8h), SDPA 8q + 8g + 4 heads,
-    the MLP 16I: 24h + 8q + 8g + 16I + 4 heads + 8.
+    bf16 (bf16 weights: FSDP2's bf16 policy, DeepSpeed): the residual stream is bf16; each RMSNorm keeps the
+    fp32 upcast of its input, the rsqrt, the normalised value cast back to bf16 and its bf16 output, which
+    the projections share (2 x (4h + 4 + 2h + 2h)); attention and MLP as above: 16h + 4q + 4g + 8I + 4 heads + 8.
+    fp32 (a CPU): the norms as under autocast, their outputs shared by the projections (8h), SDPA 8q + 8g +
+    4 heads, the MLP 16I: 24h + 8q + 8g + 16I + 4 heads + 8.
     """
     h, q, g, i, heads = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size, arch.num_attention_heads
-    if mixed:
+    if compute == AUTOCAST:
         return 26 * h + 4 * q + 4 * g + 8 * i + 4 * heads + 8
+    if compute == BF16:
+        return 16 * h + 4 * q + 4 * g + 8 * i + 4 * heads + 8
     return 24 * h + 8 * q + 8 * g + 16 * i + 4 * heads + 8
 
 
-def activation_bytes(arch: Architecture, tokens: int, checkpointing: bool, mixed: bool) -> int:
+def activation_bytes(arch: Architecture, tokens: int, checkpointing: bool, compute: str) -> int:
     """A training micro-batch of ``tokens`` tokens: every layer's saved tensors, or with activation
-    checkpointing each layer's fp32 input (4h a token; the residual stream is fp32 in both modes) plus one
-    layer's tensors recomputed during its backward; plus the final norm (8h + 4), the token ids (8) and
-    the rotary cos/sin (8 head_dim) a token."""
-    per_layer = tokens * layer_activation_bytes(arch, mixed)
-    top = tokens * (8 * arch.hidden_size + 8 * arch.head_dim + 12)
+    checkpointing each layer's input (the residual stream: 4h a token in fp32 and under autocast, 2h in
+    bf16) plus one layer's tensors recomputed during its backward; plus, a token, the final norm (8h + 4;
+    6h + 4 in bf16, whose normalised value is kept in bf16), the token ids (8) and the rotary cos/sin
+    (8 head_dim; 4 head_dim in bf16)."""
+    per_layer = tokens * layer_activation_bytes(arch, compute)
+    if compute == BF16:
+        residual, top = 2, tokens * (6 * arch.hidden_size + 4 * arch.head_dim + 12)
+    else:
+        residual, top = 4, tokens * (8 * arch.hidden_size + 8 * arch.head_dim + 12)
     if checkpointing:
-        return arch.num_hidden_layers * tokens * 4 * arch.hidden_size + per_layer + top
+        return arch.num_hidden_layers * tokens * residual * arch.hidden_size + per_layer + top
     return arch.num_hidden_layers * per_layer + top
 
 
 def compute_copy_bytes(arch: Architecture) -> int:
     """autocast's bf16 casts of every layer's projection weights and biases, kept from the forward to the
-    backward (the embeddings are looked up, not cast; the head is cast chunk by chunk and freed)."""
+    backward (the embeddings are looked up, not cast; the head is cast chunk by chunk and freed): one GPU
+    and DDP only (under FSDP2's bf16 policy the gathered weights are bf16 already)."""
     return COMPUTE_COPY * arch.num_hidden_layers * (arch.layer_linear + arch.layer_biases)
 
 

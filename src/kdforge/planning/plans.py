@@ -124,28 +124,40 @@ def strategies(hw: mem.Hardware) -> list[str]:
     return ["single", "ddp", "fsdp", "zero3", "zero3-offload"]
 
 
+def compute_mode(hw: mem.Hardware, strategy: str) -> str:
+    """How the student computes (kdforge.planning.memory): fp32 on a CPU; on a GPU bf16 autocast over fp32
+    weights on one device and under DDP, bf16 gathered weights under FSDP2's bf16 policy and DeepSpeed."""
+    if hw.kind == "cpu":
+        return mem.FP32
+    return mem.AUTOCAST if strategy in ("single", "ddp") else mem.BF16
+
+
+PRECISION_NAMES = {mem.FP32: "fp32", mem.AUTOCAST: "bf16 mixed", mem.BF16: "bf16 params, fp32 master"}
+
+
 def student_parts(s: Architecture, hw: mem.Hardware, wl: Workload, strategy: str, checkpointing: bool,
                   batch: int) -> tuple[dict[str, int], int]:
     """(bytes per device by component, host bytes) of training the student in full."""
     w = 1 if strategy == "single" else hw.count
     p = s.params
-    gpu = hw.kind == "gpu"
+    compute = compute_mode(hw, strategy)
     host = 0
-    copy = mem.compute_copy_bytes(s) if gpu else 0  # autocast's bf16 casts; a CPU trains in fp32, casts nothing
+    # autocast's bf16 casts of the layers' weights; a CPU trains in fp32 and bf16 weights need no cast
+    copy = mem.compute_copy_bytes(s) if compute == mem.AUTOCAST else 0
     if strategy in ("single", "ddp"):
         parts = mem.training_state(p) | {"compute_copy": copy}
         if strategy == "ddp":
-            parts |= {"buckets": p * mem.DDP_BUCKETS, "head_grad": mem.head_grad_bytes(s)}
+            parts |= {"buckets": p * mem.DDP_BUCKETS, "head_grad": mem.head_grad_bytes(s, compute)}
     elif strategy == "fsdp":
         parts = mem.training_state(p, w) | {"compute_copy": copy, "gathered": mem.fsdp_gathered(s),
-                                            "head_grad": mem.head_grad_bytes(s)}
+                                            "head_grad": mem.head_grad_bytes(s, compute)}
     elif strategy == "zero3":
         parts = mem.training_state(p, w) | {"gathered": mem.zero3_gathered(s)}
     else:  # zero3-offload: bf16 weight and gradient shards stay on the device, the optimizer on the host
         parts = {"weights": math.ceil(2 * p / w), "gradients": math.ceil(2 * p / w), "adam": 0,
                  "gathered": mem.zero3_gathered(s)}
         host = sum(mem.training_state(p).values())  # fp32 master, fp32 gradients, moments: every rank's shard
-    parts["activations"] = mem.activation_bytes(s, batch * wl.max_length, checkpointing, mixed=gpu)
+    parts["activations"] = mem.activation_bytes(s, batch * wl.max_length, checkpointing, compute)
     parts["logits"] = mem.logits_chunk_bytes(s, batch * wl.answer_tokens, wl.chunk_size)
     return parts, host
 
@@ -159,7 +171,7 @@ def student_rows(s: Architecture, hw: mem.Hardware, wl: Workload) -> list[Row]:
             def need(b, st=strategy, c=ckpt):
                 return sum(student_parts(s, hw, wl, st, c, b)[0].values())
             rows.append(Row("distill", strategy, 1 if strategy == "single" else hw.count,
-                            "bf16 mixed" if hw.kind == "gpu" else "fp32", wl.batch_size, parts, hw.usable,
+                            PRECISION_NAMES[compute_mode(hw, strategy)], wl.batch_size, parts, hw.usable,
                             mem.max_batch(need, hw.usable), checkpointing=ckpt, host=host, host_usable=hw.host_usable))
     return rows
 
@@ -200,7 +212,7 @@ def online_rows(t: Architecture, s: Architecture, hw: mem.Hardware, wl: Workload
                 parts, host = student_parts(s, hw, wl, strategy, ckpt, wl.batch_size)
                 parts |= online_teacher_parts(t, hw, wl, placement, precision, wl.batch_size)
                 rows.append(Row("distill-online", strategy, 1 if strategy == "single" else hw.count,
-                                "bf16 mixed" if hw.kind == "gpu" else "fp32", wl.batch_size, parts, hw.usable,
+                                PRECISION_NAMES[compute_mode(hw, strategy)], wl.batch_size, parts, hw.usable,
                                 mem.max_batch(need, hw.usable), checkpointing=ckpt,
                                 teacher=f"{precision} {placement}", host=host, host_usable=hw.host_usable))
     return rows

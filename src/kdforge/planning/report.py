@@ -91,10 +91,10 @@ def render(plan: Plan) -> str:
                f"target token x {count(wl.targets)}{extra} = {mem.fmt(plan.label_cache)}")
     out.append("")
 
-    elem = "fp32" if cpu else "bf16"
+    compute = ("fp32 throughout" if cpu else
+               "single/DDP bf16 autocast over fp32 weights, FSDP/ZeRO-3 bf16 gathered weights over fp32 shards")
     out.append(f"distill from the cache: full AdamW, 16 B/param (fp32 weights 4, gradients 4, moments 8); micro-batch "
-               f"{wl.batch_size} = {wl.batch_size * wl.max_length} tokens, {elem} activations, loss chunk "
-               f"{wl.chunk_size}")
+               f"{wl.batch_size} = {wl.batch_size * wl.max_length} tokens, {compute}, loss chunk {wl.chunk_size}")
     rows = [r for r in plan.rows if r.stage == "distill"]
     # A CPU has no world size, no gathered units, no buckets and nowhere to offload to: those columns go.
     heads = ["strategy", "ckpt", "w+g+adam", "activations", "logits", per, "fits", "max micro-batch"]
@@ -146,7 +146,9 @@ def as_json(plan: Plan) -> dict[str, Any]:
         "label_cache": {"bytes": plan.label_cache,
                         "bytes_per_target": mem.bytes_per_target(plan.workload.top_k, t.vocab_size)},
         "assumptions": {"state_bytes_per_param": mem.STATE_BYTES, "compute_copy": mem.COMPUTE_COPY,
-                        "ddp_buckets": mem.DDP_BUCKETS, "head_grad": mem.HEAD_GRAD, "linear_bytes": mem.LINEAR_BYTES,
+                        "ddp_buckets": mem.DDP_BUCKETS, "head_grad": mem.HEAD_GRAD,
+                        "fsdp_unit": {"gathered": mem.FSDP_GATHER, "gradient": mem.FSDP_GRAD,
+                                      "reduce_scatter": mem.FSDP_REDUCE}, "linear_bytes": mem.LINEAR_BYTES,
                         "logit_chunk_bytes": mem.LOGIT_CHUNK_BYTES, "reserve": plan.hardware.reserve},
         "rows": [r.as_dict() for r in plan.rows],
         "recommendation": {"text": rec.text, "teacher": rec.teacher, "distill": rec.distill, "online": rec.online,
