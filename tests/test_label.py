@@ -289,12 +289,13 @@ def test_resume_in_another_precision_is_refused(tokenizer, tmp_path):
 
 
 # The manifest's keys, in order, as the label stage has always written them (caches made before the typed
-# manifest must keep reading, and caches made now must read in older code).
+# manifest must keep reading), plus teacher.precision, added since with a default (a cache without it reads
+# and writes back byte for byte: tests/test_parallel_stages.py).
 MANIFEST_KEYS = {
     "": ["format_version", "teacher", "tokenizer", "data", "examples", "k", "temperature", "max_length", "vocab_size",
          "hidden_layers", "teacher_layers", "teacher_hidden_size", "dtypes", "counts", "bytes_per_target_token",
          "shards"],
-    "teacher": ["spec", "weights_sha256"],
+    "teacher": ["spec", "weights_sha256", "precision"],
     "tokenizer": ["vocab_sha256", "chat_template_sha256", "special_tokens_sha256", "vocab_size"],
     "data": ["path", "sha256", "split", "limit"],
     "examples": ["id", "split"],

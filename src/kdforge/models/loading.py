@@ -20,6 +20,7 @@ from kdforge.models.embedded import (  # noqa: F401  (EMBEDDED_MODELS, cache_dir
     embedded_gguf_path,
     ensure_embedded_folder,
 )
+from kdforge.models.placement import DeviceMap, MaxMemory
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,14 @@ def resolve_model(spec: str) -> ModelSource:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when there is a GPU (this rank's own, cuda:LOCAL_RANK, under torchrun with several
+    processes: ranks never share a GPU by accident), else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        from kdforge import distributed
+
+        return torch.device(f"cuda:{distributed.local_rank()}" if distributed.launched() else "cuda")
     return torch.device(device)
 
 
@@ -95,23 +102,65 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    *,
+    precision: str = "auto",
+    device_map: DeviceMap | None = None,
+    max_memory: MaxMemory | None = None,
+    offload_folder: str | None = None,
 ):
-    """Load (model, tokenizer) in eval mode on the chosen device."""
+    """Load (model, tokenizer) in eval mode: whole on ``device``, or placed by ``device_map``.
+
+    ``precision``: bf16 | fp16 | fp32 | int8 | 4bit (int8/4bit: bitsandbytes, CUDA only; a clear error
+    without them) or auto (``dtype``'s choice: bf16 on CUDA, fp32 on CPU). ``device_map``: "auto" (accelerate
+    fills the GPUs, then CPU memory, then disk, each bounded by ``max_memory``, e.g. ``{0: "70GiB", "cpu":
+    "200GiB"}``) or an explicit ``{module name: device}`` (``{"": 0}``: all on GPU 0); GPU numbers count
+    within this rank's GPUs under torchrun (kdforge.models.placement). A placed model stays where the map
+    put it: feed it inputs on :func:`input_device`.
+    """
     from transformers import AutoModelForCausalLM
 
+    from kdforge.models.placement import QUANTIZED, from_pretrained_kwargs, resolve_precision
+
     src = resolve_model(spec)
-    dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
+    placed = device_map is not None or precision in QUANTIZED
+    if src.gguf_file and placed:
+        raise ModelLoadError(f"{src.display}: a GGUF file is loaded whole and dequantised on one device; "
+                             "device_map and int8/4bit need an HF folder (safetensors)")
+    if placed:
+        kw = from_pretrained_kwargs(device, dtype, precision, device_map, max_memory, offload_folder)
+        dev = None
+    else:
+        dev = pick_device(device)
+        resolve = resolve_precision(precision, dtype, dev.type == "cuda")
+        kw = {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve]}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            src.folder, gguf_file=src.gguf_file, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            src.folder, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code, **kw
         )
-    except Exception as e:
+    except Exception as e:  # transformers raises many types; the user needs the path and the cause
         raise ModelLoadError(f"could not load a causal LM from {src.display}: {_why(src, e)}") from e
     if src.gguf_file:
         model = dequantized_copy(model)
-    model.to(dev).eval()
+    if dev is not None:
+        model.to(dev)
+    model.eval()
     return model, load_tokenizer(spec, trust_remote_code)
+
+
+def input_device(model) -> torch.device:
+    """Where a model's input ids go: its input embedding's device, or the execution device accelerate's hook
+    gives it when the map offloaded its weights (their parameters are then on "meta")."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # not a transformers model: its first weight's device
+        emb = None
+    if emb is None:
+        return next(model.parameters()).device
+    hook = getattr(emb, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return emb.weight.device
 
 
 def gguf_problem(path: Path) -> str | None:

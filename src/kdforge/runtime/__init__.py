@@ -58,14 +58,19 @@ def runtime_class(backend: str) -> type[CausalLM]:
 
 
 def open_model(spec: str, backend: str = AUTO, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-               context: int | None = None, trust_remote_code: bool = False) -> CausalLM:
+               context: int | None = None, trust_remote_code: bool = False,
+               placement: dict[str, Any] | None = None) -> CausalLM:
     """Load ``spec`` (HF folder, .gguf file, ``embedded:NAME``) in the backend `backend_for` picks.
 
     ``device``/``dtype``/``trust_remote_code`` apply to transformers; ``threads`` (default: torch's)
     and ``context`` (the decoder's tokens per sequence, default 4096; 0: the model's own) to llama.cpp.
+    ``placement``: `kdforge.models.loading.load_model`'s precision / device_map / max_memory /
+    offload_folder (transformers; llama.cpp refuses them), e.g. ``TeacherPlacement.load_kwargs()``
+    less device and dtype.
     """
     return runtime_class(backend_for(spec, backend)).load(spec, device=device, dtype=dtype, threads=threads,
-                                                          context=context, trust_remote_code=trust_remote_code)
+                                                          context=context, trust_remote_code=trust_remote_code,
+                                                          placement=placement)
 
 
 def as_runtime(model: Any, tokenizer: Any = None) -> CausalLM:

@@ -41,9 +41,12 @@ class CausalLM(ABC):
     @classmethod
     @abstractmethod
     def load(cls, spec: str, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-             context: int | None = None, trust_remote_code: bool = False) -> CausalLM:
+             context: int | None = None, trust_remote_code: bool = False,
+             placement: dict[str, Any] | None = None) -> CausalLM:
         """Load a model spec. Every runtime takes every option and ignores those that do not apply
-        (transformers: device, dtype, trust_remote_code; llama.cpp: threads, context)."""
+        (transformers: device, dtype, trust_remote_code; llama.cpp: threads, context). ``placement``:
+        `kdforge.models.loading.load_model`'s precision / device_map / max_memory / offload_folder; a
+        runtime that cannot place a model refuses one that asks for more than the default."""
 
     @property
     @abstractmethod

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdforge.config import ConfigError
 from kdforge.models.forward import target_positions
 from kdforge.models.loading import ModelLoadError, end_of_turn_ids, load_tokenizer, resolve_model
 from kdforge.runtime.base import LLAMA_CPP, CausalLM, check_batch
@@ -111,9 +112,15 @@ class LlamaCppRuntime(CausalLM):
 
     @classmethod
     def load(cls, spec: str, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-             context: int | None = None, trust_remote_code: bool = False) -> LlamaCppRuntime:
+             context: int | None = None, trust_remote_code: bool = False,
+             placement: dict[str, Any] | None = None) -> LlamaCppRuntime:
         """Open a .gguf spec; ``device``/``dtype``/``trust_remote_code`` do not apply (llama.cpp runs the
-        file's own types on the device it was built for)."""
+        file's own types on the device it was built for), and a ``placement`` beyond the default is refused."""
+        defaults = {"precision": "auto", "dtype": "auto", "device": "auto"}  # else None: not asked for
+        asked = sorted(k for k, v in (placement or {}).items() if v != defaults.get(k))
+        if asked:
+            raise ConfigError(f"{spec}: {', '.join(asked)} need the transformers backend (llama.cpp runs the GGUF "
+                              "file's own types on its own device); use backend transformers")
         import_llama_cpp()  # fail now, with the install hint, not at the first use
         return cls(gguf_path(spec), threads, context, spec=spec)
 

@@ -19,7 +19,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from kdforge.data.batching import left_pad
 from kdforge.models.forward import DEFAULT_PACK_LENGTH
 from kdforge.models.forward import target_logits as forward_target_logits
-from kdforge.models.loading import count_parameters, end_of_turn_ids, load_model
+from kdforge.models.loading import count_parameters, end_of_turn_ids, input_device, load_model
 from kdforge.runtime.base import TRANSFORMERS, CausalLM, check_batch
 from kdforge.runtime.sampling import SamplingParams, make_generator, sample_token
 
@@ -48,14 +48,16 @@ class TransformersRuntime(CausalLM):
     def __init__(self, model, tokenizer: Any = None) -> None:
         self.model = model
         self._tokenizer = tokenizer
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)  # where inputs go (a device-mapped model spans several)
 
     @classmethod
     def load(cls, spec: str, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-             context: int | None = None, trust_remote_code: bool = False) -> TransformersRuntime:
+             context: int | None = None, trust_remote_code: bool = False,
+             placement: dict[str, Any] | None = None) -> TransformersRuntime:
         """Load a model spec (HF folder, GGUF file through transformers' loader, ``embedded:NAME``);
-        ``threads``/``context`` do not apply (torch's threads are the process's)."""
-        model, tok = load_model(spec, device, dtype, trust_remote_code)
+        ``threads``/``context`` do not apply (torch's threads are the process's). ``placement``: a device
+        map and/or precision (load_model's keyword arguments)."""
+        model, tok = load_model(spec, device, dtype, trust_remote_code, **(placement or {}))
         return cls(model, tok)
 
     @property

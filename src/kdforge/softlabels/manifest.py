@@ -4,7 +4,8 @@ The writer (softlabels/writer.py) builds a :class:`Manifest` and dumps it; the r
 (softlabels/reader.py) validates the file against it, so a missing or mistyped field is an error
 naming the field instead of a KeyError deep in training. Field order is the JSON's key order: a
 dumped manifest is byte-identical to the dict the label stage wrote before these types existed (a
-test pins it), so existing caches keep reading.
+test pins it), so existing caches keep reading. Fields added since have defaults (old caches read)
+and are left out of the JSON while unset (old caches write back byte for byte).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ class _Part(BaseModel):
 class TeacherInfo(_Part):
     spec: str                 # the model spec `kdforge label` was given
     weights_sha256: str       # sha256 of its weights file (a JSON list of hashes for several files)
+    # The precision the teacher ran in (bf16, fp16, fp32, int8, 4bit). None: a cache made before it was
+    # recorded; such a manifest is written back without the key (softlabels.writer.manifest_json).
+    precision: str | None = None
 
 
 class TokenizerInfo(_Part):

@@ -38,30 +38,59 @@ def sidecar_name(index: int) -> str:
 
 class CacheWriter:
     """The cache folder being written. Opening it forgets the old manifest (the cache is unfinished until
-    :meth:`finish`) but remembers its shards, so they can be reused."""
+    :meth:`finish`) but remembers its shards, so they can be reused.
 
-    def __init__(self, folder: str | Path):
+    Several processes may write one cache (`kdforge label` under torchrun): rank 0 opens the folder
+    first, the others open it with ``known`` (rank 0's :attr:`known`), each writes its own shards (a shard
+    file and its sidecar, never another rank's), and rank 0 :meth:`adopt` s the others' shard infos before
+    :meth:`finish`.
+    """
+
+    def __init__(self, folder: str | Path, known: dict[str, ShardInfo] | None = None):
+        """``known``: the shards an earlier manifest listed, as the first process to open the folder read
+        them; given, this process neither reads nor removes the manifest (that process did)."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._known: dict[str, ShardInfo] = {}
-        if (self.folder / MANIFEST).is_file():
-            try:
-                self._known = {sh.file: sh for sh in read_manifest(self.folder / MANIFEST).shards}
-            except CacheError:
-                pass  # a corrupt old manifest only costs the reuse of its shards
-        (self.folder / MANIFEST).unlink(missing_ok=True)
+        self._known: dict[str, ShardInfo] = dict(known or {})
+        if known is None:
+            if (self.folder / MANIFEST).is_file():
+                try:
+                    self._known = {sh.file: sh for sh in read_manifest(self.folder / MANIFEST).shards}
+                except CacheError:
+                    pass  # a corrupt old manifest only costs the reuse of its shards
+            (self.folder / MANIFEST).unlink(missing_ok=True)
         self._shards: dict[int, ShardInfo] = {}  # shard index -> its info, written or reused by this run
+
+    @property
+    def known(self) -> dict[str, ShardInfo]:
+        """The old manifest's shards (file name -> info), for the other processes writing this cache."""
+        return dict(self._known)
+
+    @property
+    def shards(self) -> dict[int, ShardInfo]:
+        """Shard index -> info of every shard this process wrote, reused or adopted."""
+        return dict(self._shards)
+
+    def adopt(self, index: int, info: ShardInfo) -> None:
+        """Count shard ``index``, written or verified by another process of the run, in :meth:`finish`."""
+        if info.file != shard_name(index):
+            raise ValueError(f"shard {index} is {shard_name(index)}, not {info.file}")
+        self._shards[index] = info
 
     def reuse(self, index: int, examples: int) -> ShardInfo | None:
         """Keep shard ``index`` from an earlier run if it holds ``examples`` examples and its size and checksum
         are the recorded ones; return its info (None: it must be labelled)."""
         name = shard_name(index)
-        info = self._sidecar(index) or self._known.get(name)
+        sidecar = self._sidecar(index)
+        info = sidecar or self._known.get(name)
         path = self.folder / name
         if info is None or not path.is_file() or info.examples != examples:
             return None
         if info.bytes != path.stat().st_size or info.sha256 != file_sha256(path):
             return None
+        if sidecar is None:
+            # Known from the old manifest only, which is gone now: a sidecar keeps it reusable if this run is killed.
+            atomic_write_json(self.folder / sidecar_name(index), info.model_dump(mode="json"))
         self._shards[index] = info
         return info
 
@@ -121,5 +150,9 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> None:
 
 
 def manifest_json(manifest: Manifest) -> dict[str, Any]:
-    """The JSON object of ``manifest``: the keys, in the order, the cache has always had."""
-    return manifest.model_dump(mode="json")
+    """The JSON object of ``manifest``: the keys, in the order, the cache has always had (a teacher
+    precision only when known: a cache made before it was recorded keeps its bytes)."""
+    out = manifest.model_dump(mode="json")
+    if out["teacher"].get("precision") is None:
+        del out["teacher"]["precision"]
+    return out

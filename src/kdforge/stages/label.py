@@ -8,18 +8,27 @@ token (fp16). Reads top to bottom: config and resume check, the teacher, then pe
 ``shard_size`` examples either reuse (a re-run keeps finished shards, so an interrupted run loses at
 most the shard in flight) or teacher forward + ``writer.write_shard``; ``writer.finish`` writes
 ``manifest.json`` last (softlabels/writer.py).
+
+Under ``torchrun --nproc-per-node N`` (or ``accelerate launch``) every rank loads its own teacher: the
+ranks first check the earlier run's shards between them (each every N-th), then share out the shards
+still to label round robin (rank r labels the r-th, (r+N)-th, ... of them: shards r, r+N, ... in a
+fresh run) and write each as one process would, shard file and sidecar; rank 0 waits for all and
+writes the manifest. A shard's bytes depend only on its examples and the teacher, so the cache is the
+one one process writes (with the same threads per process: float sums depend on how they are split).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
+from kdforge import distributed
 from kdforge.artifacts import (
     CONFIG_NAME,
     check_resume,
@@ -29,13 +38,18 @@ from kdforge.artifacts import (
     write_config,
     write_meta,
 )
-from kdforge.config import ConfigError, Dtype, StageConfig, dump, read_yaml
+from kdforge.config import ConfigError, StageConfig, dump, read_yaml
 from kdforge.data.formats import data_file, load_training_data, select_split
+from kdforge.models.placement import TeacherPlacement, earlier_precision
 from kdforge.softlabels import MANIFEST
 from kdforge.stages import Stage
 
+if TYPE_CHECKING:
+    from kdforge.softlabels.manifest import ShardInfo
+    from kdforge.softlabels.writer import CacheWriter
 
-class LabelConfig(StageConfig):
+
+class LabelConfig(StageConfig, TeacherPlacement):
     """`kdforge label`: the teacher's top-k soft labels cached on disk (offline distillation)."""
 
     teacher: str = Field(description="teacher: HF folder, GGUF file, or embedded:smollm2-135m-instruct")
@@ -48,16 +62,16 @@ class LabelConfig(StageConfig):
     max_length: int = Field(256, gt=8, description="must equal distill.max_length when training from the cache")
     hidden_layers: list[int] = Field(default_factory=list, description="teacher layers whose hidden states to keep")
     batch_size: int = Field(8, gt=0, description="conversations per teacher forward pass")
-    shard_size: int = Field(256, gt=0, description="conversations per shard")
-    dtype: Dtype = "auto"
-    device: str = "auto"
+    shard_size: int = Field(256, gt=0, description="conversations per shard (the unit of resume and of the "
+                            "work shared between processes)")
     trust_remote_code: bool = False
 
 
 # Resuming keeps finished shards, so every setting that changes what a shard holds must match the
 # earlier run's: these are the only ones that may differ (how the work is scheduled, not its result).
-# dtype is not among them: resuming in another precision would mix bf16 and fp32 labels in one cache.
-MAY_CHANGE = frozenset({"out", "batch_size", "device"})
+# dtype and precision are not among them: resuming in another precision would mix bf16 and fp32 labels
+# in one cache; where the weights sit (device, device_map, max_memory, offload_folder) may change.
+MAY_CHANGE = frozenset({"out", "batch_size", "device", "device_map", "max_memory", "offload_folder"})
 FILES = {"manifest": MANIFEST}  # this stage's layout (meta.json "files"); the manifest lists the shards
 
 
@@ -70,19 +84,24 @@ def _weights_sha256(spec: str) -> str:
 
 
 def run(cfg: LabelConfig, overwrite: bool = False) -> dict[str, Any]:
+    from kdforge.models.placement import check_available
+
     check_writable(cfg.out)  # before the teacher loads
-    with removed_if_unstarted(cfg.out):
-        return _label(cfg, overwrite)
+    check_available(cfg.precision)  # int8/4bit without bitsandbytes or CUDA: one line, nothing written
+    device = distributed.init(cfg.device)  # joins the launcher's process group; this rank's device
+    # Rank 0 alone creates the folder, so it alone removes one it created and left empty.
+    with removed_if_unstarted(cfg.out) if distributed.is_main() else contextlib.nullcontext():
+        metrics = _label(cfg, overwrite, device)
+    distributed.barrier()  # every rank leaves after rank 0 has written the manifest and meta.json
+    return metrics
 
 
-def _label(cfg: LabelConfig, overwrite: bool) -> dict[str, Any]:
+def _label(cfg: LabelConfig, overwrite: bool, device: str) -> dict[str, Any]:
     from tqdm import tqdm
 
     from kdforge.data.batching import shared_vocab_size
     from kdforge.data.chat import encode_conversation
     from kdforge.models.loading import load_model
-    from kdforge.softlabels.format import tokenizer_fingerprint
-    from kdforge.softlabels.manifest import DataInfo, ExampleInfo, TeacherInfo
     from kdforge.softlabels.writer import CacheWriter
 
     t0 = time.time()
@@ -91,16 +110,23 @@ def _label(cfg: LabelConfig, overwrite: bool) -> dict[str, Any]:
     convs = [c for c in convs if c.has_answer]
     if not convs:
         raise ConfigError(f"{cfg.data}: no conversations with assistant answers in split '{cfg.split}'")
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if (out / CONFIG_NAME).is_file():
-        check_resume(out, read_yaml(out / CONFIG_NAME), dump(cfg), MAY_CHANGE, "labels",
-                     "Use another --out, or --overwrite to label again.", ConfigError)
-    # Shards finished by an earlier run (named in its manifest or in a shard's sidecar) are reused.
-    writer = CacheWriter(out)
-    write_config(out, dump(cfg))
+    opened: list[CacheWriter] = []
 
-    teacher, tok = load_model(cfg.teacher, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    def open_folder() -> dict[str, ShardInfo]:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        if (out / CONFIG_NAME).is_file():
+            check_resume(out, earlier_precision(read_yaml(out / CONFIG_NAME)), dump(cfg), MAY_CHANGE, "labels",
+                         "Use another --out, or --overwrite to label again.", ConfigError)
+        # Shards finished by an earlier run (named in its manifest or in a shard's sidecar) are reused.
+        opened.append(CacheWriter(out))
+        write_config(out, dump(cfg))
+        return opened[0].known
+
+    known = distributed.on_main(open_folder)  # rank 0 alone reads (and removes) the old manifest
+    writer = opened[0] if opened else CacheWriter(out, known=known)
+
+    teacher, tok = load_model(cfg.teacher, trust_remote_code=cfg.trust_remote_code, **cfg.load_kwargs(device))
     vocab = shared_vocab_size(tok, teacher)
     bad = [x for x in cfg.hidden_layers if not 0 <= x < teacher.config.num_hidden_layers]
     if bad:
@@ -108,23 +134,46 @@ def _label(cfg: LabelConfig, overwrite: bool) -> dict[str, Any]:
         raise ConfigError(f"hidden_layers {bad} out of range: the teacher has {n} layers (0..{n - 1})")
     encoded = [encode_conversation(tok, c.messages, cfg.max_length) for c in convs]
     n_shards = (len(encoded) + cfg.shard_size - 1) // cfg.shard_size
-    stats = {"targets": 0, "seconds": 0.0, "reused": 0}
-    bar = tqdm(total=len(encoded), desc="label", unit="conv", dynamic_ncols=True)
-    for s in range(n_shards):
-        lo, hi = s * cfg.shard_size, min(len(encoded), (s + 1) * cfg.shard_size)
-        if writer.reuse(s, hi - lo) is not None:
-            stats["reused"] += hi - lo
-            bar.update(hi - lo)
-            continue
+    bounds = [(s * cfg.shard_size, min(len(encoded), (s + 1) * cfg.shard_size)) for s in range(n_shards)]
+    # Which shards an earlier run finished: each rank hashes every N-th, then every rank learns them all.
+    checked = {s: info for s in distributed.shard_of(list(range(n_shards)))
+               if (info := writer.reuse(s, bounds[s][1] - bounds[s][0])) is not None}
+    reused = {s: info for part in distributed.gather(checked) for s, info in part.items()}
+    mine = distributed.shard_of([s for s in range(n_shards) if s not in reused])  # whole shards, round robin
+    stats = {"targets": 0, "seconds": 0.0, "reused": sum(bounds[s][1] - bounds[s][0] for s in reused)}
+    bar = tqdm(total=stats["reused"] + sum(bounds[s][1] - bounds[s][0] for s in mine), initial=stats["reused"],
+               desc="label" if not distributed.launched() else f"label (rank 0 of {distributed.world_size()})",
+               unit="conv", dynamic_ncols=True, disable=not distributed.is_main())
+    written: dict[int, ShardInfo] = {}
+    for s in mine:
+        lo, hi = bounds[s]
         t = time.time()
         arrays = label_examples(teacher, tok, encoded[lo:hi], cfg, vocab, bar)
         stats["seconds"] += time.time() - t
-        stats["targets"] += writer.write_shard(s, arrays).targets
+        written[s] = writer.write_shard(s, arrays)
+        stats["targets"] += written[s].targets
     bar.close()
+    every = distributed.gather((written, stats))  # also the point where every rank has written its shards
+    for part, _ in every:
+        reused.update(part)  # now: every shard of the cache, reused or labelled by any rank
+    stats["targets"] = sum(st["targets"] for _, st in every)
+    stats["seconds"] = max(st["seconds"] for _, st in every)  # ranks label at the same time: the slowest one's
+    return distributed.on_main(lambda: _finish(cfg, writer, reused, stats, teacher, tok, convs, encoded, vocab, t0))
 
+
+def _finish(cfg: LabelConfig, writer: CacheWriter, shards: dict[int, ShardInfo], stats: dict[str, float], teacher,
+            tok, convs: list, encoded: list, vocab: int, t0: float) -> dict[str, Any]:
+    """Rank 0: the manifest over every rank's ``shards`` (in index order, as one process lists them), meta.json."""
+    from kdforge.models.placement import precision_of
+    from kdforge.softlabels.format import tokenizer_fingerprint
+    from kdforge.softlabels.manifest import DataInfo, ExampleInfo, TeacherInfo
+
+    for index, info in shards.items():
+        writer.adopt(index, info)
     data = data_file(cfg.data)
     manifest = writer.finish(
-        teacher=TeacherInfo(spec=cfg.teacher, weights_sha256=_weights_sha256(cfg.teacher)),
+        teacher=TeacherInfo(spec=cfg.teacher, weights_sha256=_weights_sha256(cfg.teacher),
+                            precision=precision_of(teacher)),
         tokenizer=tokenizer_fingerprint(tok),
         data=DataInfo(path=str(data.resolve()), sha256=file_sha256(data), split=cfg.split, limit=cfg.limit),
         examples=[ExampleInfo(id=c.id, split=c.split or "train") for c in convs],
@@ -135,7 +184,9 @@ def _label(cfg: LabelConfig, overwrite: bool) -> dict[str, Any]:
                "reused_examples": stats["reused"],
                "label_tokens_per_s": round(stats["targets"] / stats["seconds"], 1) if stats["seconds"] else None,
                "bytes_per_target_token": manifest.bytes_per_target_token.on_disk}
-    write_meta(out, "label", {"teacher": cfg.teacher if Path(cfg.teacher).exists() else None, "data": cfg.data},
+    if distributed.launched():
+        metrics["processes"] = distributed.world_size()
+    write_meta(cfg.out, "label", {"teacher": cfg.teacher if Path(cfg.teacher).exists() else None, "data": cfg.data},
                metrics, time.time() - t0, files=FILES)
     return metrics
 
@@ -155,9 +206,10 @@ def _label_examples(teacher, tok, examples, cfg: LabelConfig, vocab: int, bar) -
     from kdforge.data.batching import collate
     from kdforge.data.chat import IGNORE_INDEX
     from kdforge.models.forward import DEFAULT_PACK_LENGTH, capture, target_logits
+    from kdforge.models.loading import input_device
     from kdforge.softlabels.format import encode_topk
 
-    device = next(teacher.parameters()).device
+    device = input_device(teacher)  # a device-mapped teacher takes its inputs where its embedding runs
     parts: dict[str, list[np.ndarray]] = {}
     n_targets, n_tokens = [0], [0]
     # Longest first within the shard keeps padding low; results are put back in example order.
@@ -196,4 +248,5 @@ def _label_examples(teacher, tok, examples, cfg: LabelConfig, vocab: int, bar) -
 
 
 STAGES = (Stage("label", "cache the teacher's top-k soft labels on disk (offline distillation)", LabelConfig, run,
-                positional="teacher", flags=("data", "out", "top_k", "hidden_layers", "batch_size")),)
+                positional="teacher", flags=("data", "out", "top_k", "hidden_layers", "batch_size", "precision"),
+                parallel=True),)
