@@ -57,7 +57,7 @@ class _GradInto(torch.autograd.Function):
 
 def grad_into(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Sum of zero scalars carrying each (parameter, gradient) pair's gradient into the backward pass."""
-    return sum((_GradInto.apply(p, g) for p, g in pairs), torch.zeros(()))
+    return sum((_GradInto.apply(p, g.to(p.dtype)) for p, g in pairs), torch.zeros(()))
 
 
 class TargetHidden(torch.nn.Module):
@@ -160,9 +160,11 @@ class Parallel:
         return contextlib.nullcontext()
 
     def zeros_like(self, p: torch.Tensor) -> torch.Tensor:
-        """A zero tensor of ``p``'s full shape (a ZeRO-3 parameter's own shape is its empty partition's)."""
-        shape = getattr(p, "ds_shape", None)
-        return torch.zeros(shape, dtype=p.dtype, device=p.device) if shape is not None else torch.zeros_like(p)
+        """An fp32 zero tensor of ``p``'s full shape (a ZeRO-3 parameter's own shape is its empty partition's):
+        a gradient summed over chunks in fp32, then handed to ``p`` in its own dtype (bf16 under FSDP2's
+        mixed precision)."""
+        shape = getattr(p, "ds_shape", None) or p.shape
+        return torch.zeros(shape, dtype=torch.float32, device=p.device)
 
     def deepspeed_engine(self, root: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches_per_rank: int,
                          batch_size: int, max_grad_norm: float, bf16: bool) -> torch.nn.Module:
@@ -247,7 +249,7 @@ def resolve(strategy: str, world: int) -> Strategy:
         return "fsdp" if strategy == "fsdp" and launched else "none"
     if strategy == "auto":
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-            return "deepspeed"  # type: ignore[return-value]  # refused by the caller with a clear message
+            return "deepspeed"
         return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "ddp"
     return strategy  # type: ignore[return-value]
 
