@@ -193,3 +193,38 @@ def test_label_records_the_precision_and_old_caches_keep_their_bytes(qwen_dir, t
     assert again.read_bytes() == old.read_bytes()
     (out / "manifest.json").write_bytes(old.read_bytes())
     assert len(SoftLabelCache(out)) == 1
+
+
+def test_distill_with_a_device_mapped_live_teacher_trains_as_a_plain_one(qwen_dir, tmp_path, tokenizer, monkeypatch):
+    """`distill.teacher_placement.device_map`: the live teacher placed by accelerate's dispatch (CPU + disk here,
+    the path a multi-GPU map takes) gives the losses of a plain load, step for step."""
+    import kdforge.models.loading as loading
+    from kdforge.cli import main
+
+    maps = []
+
+    def recording_load(*args, **kwargs):
+        model, tok = load_model(*args, **kwargs)
+        maps.append(getattr(model, "hf_device_map", None))
+        return model, tok
+
+    monkeypatch.setattr(loading, "load_model", recording_load)
+
+    student = save_tiny(tmp_path / "student", "qwen2", tokenizer, seed=6)
+    convs = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"Count to {i}."},
+                                          {"role": "assistant", "content": " ".join(str(j) for j in range(i + 2))}]}
+             for i in range(6)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    common = ["distill", "--teacher", str(qwen_dir), "--student", str(student), "--data", str(data), "--steps", "3",
+              "--batch-size", "2", "--set", "log_every=1", "--set", "device=cpu", "--set", "precision=fp32"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    split = json.dumps(SPLIT)  # some modules on the CPU, the head on disk (loaded into place when it runs)
+    assert main([*common, "--out", str(tmp_path / "mapped"), "--set", f"teacher_placement.device_map={split}",
+                 "--set", f"teacher_placement.offload_folder={tmp_path / 'offload'}"]) == 0
+
+    def losses(name):
+        return [json.loads(x)["loss"] for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+
+    assert losses("mapped") == pytest.approx(losses("plain"), rel=1e-6)
+    assert SPLIT in maps  # the teacher really was dispatched by the map (the head on disk, loaded when it runs)

@@ -13,6 +13,7 @@ import torch
 from kdforge.data.chat import IGNORE_INDEX
 from kdforge.distill.losses import SparseSignal, TeacherSignal
 from kdforge.models.forward import capture, target_logits
+from kdforge.models.loading import input_device
 from kdforge.softlabels.reader import CacheError, SoftLabelCache
 
 
@@ -59,13 +60,16 @@ class LiveTeacher:
         self.hidden_size = model.config.hidden_size
         for p in model.parameters():
             p.requires_grad_(False)
+        self.input_device = input_device(model)
         self.root = TeacherTargets(model, vocab)
         if wrap is not None:
             self.root = wrap(self.root)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor], req: TeacherRequest) -> TeacherOutput:
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        out_dev = batch["input_ids"].device
+        # A device-mapped teacher takes its inputs where its embedding runs; its outputs come back to the student.
+        ids, mask, labels = (batch[k].to(self.input_device) for k in ("input_ids", "attention_mask", "labels"))
         # Captured layer outputs must keep the padded (B, T) layout of the student's: no packing then.
         pack_length = req.pack_length if not req.layers else None
         hidden, attention = req.hidden, req.attention
@@ -73,7 +77,9 @@ class LiveTeacher:
             signal = self.root(ids, mask, labels, req.logits, hidden or attention, pack_length)  # (N, V) or None
         if hasattr(self.root, "reshard"):
             self.root.reshard()  # FSDP2 keeps a root's gathered weights after forward; a teacher has no backward
-        return TeacherOutput(signal, store["hidden"], store["attention"])
+        return TeacherOutput(None if signal is None else signal.to(out_dev),
+                             {k: v.to(out_dev) for k, v in store["hidden"].items()},
+                             {k: v.to(out_dev) for k, v in store["attention"].items()})
 
 
 class CachedTeacher:

@@ -35,6 +35,7 @@ from kdforge.artifacts import (
 )
 from kdforge.config import ConfigError, StageConfig, dump, read_yaml
 from kdforge.distill.schedules import Schedule, as_schedule
+from kdforge.models.placement import QUANTIZED, TeacherPlacement
 from kdforge.stages import Stage
 
 ScheduleLike = float | Schedule | str  # a number, a schedule mapping, or a preset name
@@ -65,6 +66,9 @@ class DistillConfig(StageConfig):
     """`kdforge distill`: train the student on teacher answers, from a live teacher or a soft-label cache."""
 
     teacher: str | None = Field(None, description="the live teacher (not needed with labels)")
+    teacher_placement: TeacherPlacement = Field(
+        default_factory=TeacherPlacement, description="where the live teacher's weights go and in what precision: "
+        "device_map (auto: across the GPUs, then CPU memory), max_memory, precision bf16/fp16/fp32/int8/4bit")
     student: str = Field(description="the student to train: an HF folder (e.g. a `kdforge student` artifact)")
     data: str = Field(description="a generate artifact folder or a JSONL file of conversations")
     labels: str | None = Field(None, description="a `kdforge label` cache: train from it, never load the teacher")
@@ -415,13 +419,20 @@ def _teacher_signal(cfg: DistillConfig, cache, student, tok, device, par):
             raise ConfigError(f"the cache was labelled with max_length {cache.manifest.max_length}; "
                               f"set distill.max_length to the same (now {cfg.max_length})")
         return CachedTeacher(cache), shared_vocab_size(tok, student), cache.rows()
-    teacher_model, teacher_tok = load_model(cfg.teacher, device, trust_remote_code=cfg.trust_remote_code)
+    placement = cfg.teacher_placement
+    # A mapped or quantised teacher stays where its map put it (each rank maps its own copy over its GPUs).
+    placed = placement.device_map is not None or placement.precision in QUANTIZED
+    if placed and par.active and cfg.distributed.teacher == "shard":
+        raise ConfigError("distributed.teacher shard and teacher_placement.device_map / int8 / 4bit exclude each "
+                          "other: a sharded teacher is split by FSDP2, a mapped one by its device map")
+    where = placement.load_kwargs(str(device) if placement.device == "auto" else None)
+    teacher_model, teacher_tok = load_model(cfg.teacher, trust_remote_code=cfg.trust_remote_code, **where)
     check_same_tokenizer(teacher_tok, tok)
     vocab = shared_vocab_size(tok, teacher_model, student)
     if cfg.attention_loss != "none":
         # Attention probabilities are only materialised by the eager implementation.
         teacher_model.set_attn_implementation("eager")
-    shard = cfg.distributed.teacher == "shard" or (cfg.distributed.teacher == "auto" and par.shards)
+    shard = not placed and (cfg.distributed.teacher == "shard" or (cfg.distributed.teacher == "auto" and par.shards))
     return LiveTeacher(teacher_model, vocab, wrap=lambda m: par.wrap_teacher(m, shard)), vocab, None
 
 
