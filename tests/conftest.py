@@ -86,6 +86,16 @@ def prompts_file(tmp_path) -> Path:
     return path
 
 
+def write_conversations(path: Path, turns: list[tuple[str, str]]) -> Path:
+    """A JSONL file of one-turn conversations c0, c1, ... from (user, assistant) pairs."""
+    import json
+
+    rows = [{"id": f"c{i}", "messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
+            for i, (u, a) in enumerate(turns)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def kill_when(args: list[str], ready, timeout: float = 120.0, sig: int | None = None) -> int:
     """Start a kdforge command, send it ``sig`` (default SIGKILL) as soon as ``ready()`` is true; its
     return code (-SIGKILL when it was killed, anything else when it ended first)."""

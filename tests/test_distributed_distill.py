@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from kdforge.cli import main
 
-from .conftest import save_tiny
+from .conftest import save_tiny, write_conversations
 
 pytestmark = pytest.mark.integration
 
@@ -53,12 +53,9 @@ def torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> subproces
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("dist")
-    convs = [{"id": f"c{i}", "messages": [
-        {"role": "user", "content": f"Question {i}: what is {i} times {i + 1}?"},
-        {"role": "assistant", "content": f"{i} times {i + 1} is {i * (i + 1)}." + " Indeed." * (i % 3)}]}
-        for i in range(16)]
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    data = write_conversations(root / "data.jsonl", [
+        (f"Question {i}: what is {i} times {i + 1}?", f"{i} times {i + 1} is {i * (i + 1)}." + " Indeed." * (i % 3))
+        for i in range(16)])
     paths = {"data": data}
     for arch in ("llama", "qwen2"):
         paths[f"teacher-{arch}"] = save_tiny(root / f"teacher-{arch}", arch, tokenizer, layers=4)

@@ -12,7 +12,7 @@ import pytest
 
 from kdforge.stages import plan_file
 
-from .conftest import save_tiny
+from .conftest import save_tiny, write_conversations
 from .test_distributed_distill import torchrun
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -46,12 +46,8 @@ def test_72b_preset_is_the_seed_recipe():
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("presets")
-    convs = [{"id": f"c{i}", "messages": [
-        {"role": "user", "content": f"Give me fact number {i}."},
-        {"role": "assistant", "content": f"Fact {i}: {i} squared is {i * i}." + " Really." * (i % 2)}]}
-        for i in range(8)]
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    data = write_conversations(root / "data.jsonl", [
+        (f"Give me fact number {i}.", f"Fact {i}: {i} squared is {i * i}." + " Really." * (i % 2)) for i in range(8)])
     # 14 layers: the 0.5B preset aligns student layer 6 with teacher layer 12.
     teacher = save_tiny(root / "teacher", "qwen2", tokenizer, layers=14, extra_rows=37)
     student = save_tiny(root / "student", "qwen2", tokenizer, seed=1, layers=2, extra_rows=37)
