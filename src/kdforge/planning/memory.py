@@ -38,9 +38,10 @@ AUTOCAST, BF16, FP32 = "autocast", "bf16", "fp32"
 # FSDP2's bf16 policy the gathered weights are bf16 already and autocast casts nothing.
 COMPUTE_COPY = 2
 DDP_BUCKETS = 4      # DDP copies the fp32 gradients into its all-reduce buckets (gradient_as_bucket_view=False)
-# A parallel run sums the output projection's per-chunk gradients in a buffer of the head's dtype as the
-# trainer sees it: fp32 under DDP, the gathered bf16 head under FSDP2's bf16 policy.
-HEAD_GRAD = {AUTOCAST: 4, BF16: 2, FP32: 4}
+# A parallel run (DDP, FSDP2, DeepSpeed) sums the output projection's per-chunk gradients in an fp32 buffer
+# of the head's full shape (Parallel.zeros_like in distill/parallel.py) under every strategy, then hands
+# the sum to the weight in its own dtype.
+HEAD_GRAD = 4
 # FSDP2 with the bf16 policy, bytes per parameter of a unit: its bf16 gathered copy (2), its bf16
 # unsharded gradient (2) and the fp32 reduce-scatter input it is copied into (4, reduce_dtype=fp32).
 FSDP_GATHER, FSDP_GRAD, FSDP_REDUCE = 2, 2, 4
@@ -184,10 +185,10 @@ def fsdp_gathered(arch: Architecture) -> int:
     return root_params(arch) * unit + arch.layer_params * (FSDP_GATHER + unit)
 
 
-def head_grad_bytes(arch: Architecture, compute: str = AUTOCAST) -> int:
-    """The buffer a parallel run sums the output projection's chunk gradients in (V x hidden, in the head's
-    dtype as the trainer sees it: fp32 under DDP, bf16 under FSDP2's bf16 policy)."""
-    return arch.vocab_size * arch.hidden_size * HEAD_GRAD[compute]
+def head_grad_bytes(arch: Architecture) -> int:
+    """The buffer a parallel run sums the output projection's chunk gradients in: V x hidden in fp32 under
+    every strategy (DDP, FSDP2, ZeRO-3; the head's full shape, not a shard's)."""
+    return arch.vocab_size * arch.hidden_size * HEAD_GRAD
 
 
 def zero3_gathered(arch: Architecture) -> int:

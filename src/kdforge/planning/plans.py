@@ -147,15 +147,15 @@ def student_parts(s: Architecture, hw: mem.Hardware, wl: Workload, strategy: str
     if strategy in ("single", "ddp"):
         parts = mem.training_state(p) | {"compute_copy": copy}
         if strategy == "ddp":
-            parts |= {"buckets": p * mem.DDP_BUCKETS, "head_grad": mem.head_grad_bytes(s, compute)}
+            parts |= {"buckets": p * mem.DDP_BUCKETS, "head_grad": mem.head_grad_bytes(s)}
     elif strategy == "fsdp":
         parts = mem.training_state(p, w) | {"compute_copy": copy, "gathered": mem.fsdp_gathered(s),
-                                            "head_grad": mem.head_grad_bytes(s, compute)}
+                                            "head_grad": mem.head_grad_bytes(s)}
     elif strategy == "zero3":
-        parts = mem.training_state(p, w) | {"gathered": mem.zero3_gathered(s)}
+        parts = mem.training_state(p, w) | {"gathered": mem.zero3_gathered(s), "head_grad": mem.head_grad_bytes(s)}
     else:  # zero3-offload: bf16 weight and gradient shards stay on the device, the optimizer on the host
         parts = {"weights": math.ceil(2 * p / w), "gradients": math.ceil(2 * p / w), "adam": 0,
-                 "gathered": mem.zero3_gathered(s)}
+                 "gathered": mem.zero3_gathered(s), "head_grad": mem.head_grad_bytes(s)}
         host = sum(mem.training_state(p).values())  # fp32 master, fp32 gradients, moments: every rank's shard
     parts["activations"] = mem.activation_bytes(s, batch * wl.max_length, checkpointing, compute)
     parts["logits"] = mem.logits_chunk_bytes(s, batch * wl.answer_tokens, wl.chunk_size)
