@@ -47,17 +47,18 @@ class _GradInto(torch.autograd.Function):
     @staticmethod
     def forward(ctx, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(grad)
+        ctx.dtype = param.dtype  # cast at the hand-over, not before: no second (V, H) copy waits for the backward
         return grad.new_zeros(())
 
     @staticmethod
     def backward(ctx, out_grad: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * out_grad, None
+        return (grad * out_grad).to(ctx.dtype), None
 
 
 def grad_into(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Sum of zero scalars carrying each (parameter, gradient) pair's gradient into the backward pass."""
-    return sum((_GradInto.apply(p, g.to(p.dtype)) for p, g in pairs), torch.zeros(()))
+    return sum((_GradInto.apply(p, g) for p, g in pairs), torch.zeros(()))
 
 
 class TargetHidden(torch.nn.Module):
