@@ -293,3 +293,37 @@ def precision_of(model) -> str:
     import torch
 
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model.dtype, str(model.dtype))
+
+
+class ServedTeacher(BaseModel):
+    """A teacher behind a vLLM-compatible server (a model spec ``http(s)://host:port/v1[#name]``, several
+    comma-separated): its local tokenizer and how requests are sent (`kdforge.runtime.served`). Generate
+    and label take these as flat fields (``--set tokenizer=DIR``); they do not apply to a local teacher."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokenizer: str | None = Field(None, description="served teacher (http(s)://...): the teacher's tokenizer "
+                                  "folder (checked against the server's /tokenize on a probe text)")
+    request_concurrency: int = Field(4, gt=0, le=1024, description="served teacher: requests in flight per URL")
+    request_timeout: float = Field(600.0, gt=0, description="served teacher: seconds one request may take")
+    request_retries: int = Field(8, ge=0, le=100, description="served teacher: retries (exponential backoff) "
+                                 "of a request after a connection error, timeout, 429 or 502/503/504")
+
+    def served_options(self) -> dict[str, Any]:
+        """`kdforge.runtime.served.ServedRuntime.load`'s keyword arguments."""
+        return {"tokenizer": self.tokenizer, "max_in_flight": self.request_concurrency,
+                "timeout": self.request_timeout, "retries": self.request_retries}
+
+
+# The served-teacher fields that schedule requests (a resumed run may change them), and an earlier run's
+# config.yaml as the resume check reads it: one written before these fields existed had no tokenizer.
+SERVED_MAY_CHANGE = frozenset({"request_concurrency", "request_timeout", "request_retries"})
+
+
+def is_url(spec: str) -> bool:
+    """A served model's spec (`kdforge.runtime.served.is_served_spec`, without importing the runtime)."""
+    return isinstance(spec, str) and spec.strip().lower().startswith(("http://", "https://"))
+
+
+def earlier_served(previous: dict[str, Any]) -> dict[str, Any]:
+    return {"tokenizer": None, **previous}

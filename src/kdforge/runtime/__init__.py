@@ -1,4 +1,4 @@
-"""One causal-LM interface (`CausalLM`) and its backends: transformers and llama.cpp.
+"""One causal-LM interface (`CausalLM`) and its backends: transformers, llama.cpp, and a served model.
 
 Stages and components ask for a model by spec::
 
@@ -6,8 +6,10 @@ Stages and components ask for a model by spec::
         answers = lm.generate(prompt_ids, SamplingParams(max_tokens=32, temperature=0.7), lm.stop_ids(),
                               [make_generator(seed) for seed in seeds])
 
-and never branch on which backend answered; what differs is a capability on the runtime
-(``max_batch``, ``hf_model``, ``release_scoring``). Every backend samples with
+A spec ``http(s)://host:port/v1[#model-name]`` (several URLs comma-separated) is a model behind a
+vLLM-compatible server (`kdforge.runtime.served`; its options, the local ``tokenizer`` first, come as
+``open_model(..., served={...})``). Callers never branch on which backend answered; what differs is a
+capability on the runtime (``max_batch``, ``hf_model``, ``release_scoring``). Every backend samples with
 `kdforge.runtime.sampling.sample_token`.
 """
 
@@ -17,24 +19,33 @@ from typing import Any
 
 from kdforge.config import ConfigError
 from kdforge.models.loading import is_gguf_file
-from kdforge.runtime.base import LLAMA_CPP, TRANSFORMERS, CausalLM
+from kdforge.runtime.base import LLAMA_CPP, SERVED, TRANSFORMERS, CausalLM
 from kdforge.runtime.llamacpp import INSTALL_HINT, llama_cpp_available
 from kdforge.runtime.sampling import SamplingParams, make_generator, sample_token
+from kdforge.runtime.served import is_served_spec
 
 AUTO = "auto"
 BACKENDS = (AUTO, TRANSFORMERS, LLAMA_CPP)
 
-__all__ = ["AUTO", "BACKENDS", "INSTALL_HINT", "LLAMA_CPP", "TRANSFORMERS", "CausalLM", "SamplingParams",
-           "as_runtime", "backend_for", "llama_cpp_available", "make_generator", "open_model", "runtime_class",
-           "sample_token"]
+__all__ = ["AUTO", "BACKENDS", "INSTALL_HINT", "LLAMA_CPP", "SERVED", "TRANSFORMERS", "CausalLM", "SamplingParams",
+           "as_runtime", "backend_for", "is_served_spec", "llama_cpp_available", "make_generator", "open_model",
+           "runtime_class", "sample_token"]
 
 
 def backend_for(spec: str, backend: str = AUTO) -> str:
     """The backend a model spec runs on. llama.cpp reads GGUF files only, so HF folders and the
     embedded teacher always run in transformers; a GGUF file runs in llama.cpp when asked, or with
-    ``auto`` when llama-cpp-python is installed (else transformers' GGUF loader, dequantised)."""
-    if backend not in BACKENDS:
+    ``auto`` when llama-cpp-python is installed (else transformers' GGUF loader, dequantised). An
+    ``http(s)://`` spec is a served model whatever the backend says (``auto`` or ``transformers``, the
+    configs' defaults; ``llama.cpp`` is refused)."""
+    if backend not in BACKENDS and backend != SERVED:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if is_served_spec(spec):
+        if backend == LLAMA_CPP:
+            raise ConfigError(f"{spec} is a served model: backend {LLAMA_CPP} runs local GGUF files only")
+        return SERVED
+    if backend == SERVED:
+        raise ConfigError(f"backend {SERVED} needs an http(s):// model spec, not {spec}")
     if not is_gguf_file(spec) or backend == TRANSFORMERS:
         return TRANSFORMERS
     installed = llama_cpp_available()
@@ -54,23 +65,32 @@ def runtime_class(backend: str) -> type[CausalLM]:
         from kdforge.runtime.llamacpp import LlamaCppRuntime
 
         return LlamaCppRuntime
+    if backend == SERVED:
+        from kdforge.runtime.served import ServedRuntime
+
+        return ServedRuntime
     raise ConfigError(f"no runtime named {backend!r}; choose one of {', '.join(BACKENDS[1:])}")
 
 
 def open_model(spec: str, backend: str = AUTO, device: str = "auto", dtype: str = "auto", threads: int | None = None,
                context: int | None = None, trust_remote_code: bool = False,
-               placement: dict[str, Any] | None = None) -> CausalLM:
-    """Load ``spec`` (HF folder, .gguf file, ``embedded:NAME``) in the backend `backend_for` picks.
+               placement: dict[str, Any] | None = None, served: dict[str, Any] | None = None) -> CausalLM:
+    """Load ``spec`` (HF folder, .gguf file, ``embedded:NAME``, ``http(s)://...``) in the backend
+    `backend_for` picks.
 
     ``device``/``dtype``/``trust_remote_code`` apply to transformers; ``threads`` (default: torch's)
     and ``context`` (the decoder's tokens per sequence, default 4096; 0: the model's own) to llama.cpp.
     ``placement``: `kdforge.models.loading.load_model`'s precision / device_map / max_memory /
     offload_folder (transformers; llama.cpp refuses them), e.g. ``TeacherPlacement.load_kwargs()``
-    less device and dtype.
+    less device and dtype. ``served``: a served model's options (`ServedRuntime.load`: ``tokenizer``,
+    ``max_in_flight``, ``timeout``, ``retries``, ``backoff``); other runtimes ignore them.
     """
-    return runtime_class(backend_for(spec, backend)).load(spec, device=device, dtype=dtype, threads=threads,
-                                                          context=context, trust_remote_code=trust_remote_code,
-                                                          placement=placement)
+    resolved = backend_for(spec, backend)
+    if resolved == SERVED:
+        return runtime_class(SERVED).load(spec, trust_remote_code=trust_remote_code, placement=placement,
+                                          **(served or {}))
+    return runtime_class(resolved).load(spec, device=device, dtype=dtype, threads=threads, context=context,
+                                        trust_remote_code=trust_remote_code, placement=placement)
 
 
 def as_runtime(model: Any, tokenizer: Any = None) -> CausalLM:

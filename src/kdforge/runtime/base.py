@@ -22,6 +22,7 @@ from kdforge.runtime.sampling import SamplingParams
 # The backends' names: what reports show and configs choose. Compare capabilities, not these.
 TRANSFORMERS = "transformers"
 LLAMA_CPP = "llama.cpp"
+SERVED = "served"  # a model behind a vLLM-compatible server (runtime/served.py)
 
 
 class CausalLM(ABC):

@@ -35,7 +35,10 @@ def load_engine(spec: str, backend: str = "auto", device: str = "auto", dtype: s
     """
     opts = {"device": device, "dtype": dtype, "max_batch": max_batch, "max_model_len": max_model_len,
             "max_tokens_cap": max_tokens_cap, "trust_remote_code": trust_remote_code}
-    return _ENGINES[backend_for(spec, backend)](spec, **opts).start()
+    resolved = backend_for(spec, backend)
+    if resolved not in _ENGINES:
+        raise ValueError(f"kdforge serve runs a local model (HF folder, GGUF file, embedded:NAME), not {spec}")
+    return _ENGINES[resolved](spec, **opts).start()
 
 
 def _transformers_engine(spec: str, device: str, dtype: str, max_batch: int, max_model_len: int | None,

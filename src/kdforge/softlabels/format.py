@@ -32,6 +32,14 @@ def id_dtype(vocab_size: int) -> np.dtype:
 def encode_topk(logprobs: torch.Tensor, k: int, vocab_size: int) -> dict[str, np.ndarray]:
     """(N, V) log-probabilities -> the compact per-token arrays of the format."""
     top_lp, top_ids = logprobs.float().topk(k, dim=-1)  # (N, k), sorted descending
+    return encode_topk_values(top_lp, top_ids, vocab_size)
+
+
+def encode_topk_values(top_lp: torch.Tensor, top_ids: torch.Tensor, vocab_size: int) -> dict[str, np.ndarray]:
+    """The k likeliest tokens' (N, k) fp32 log-probabilities (descending) and ids -> the format's arrays, as
+    :func:`encode_topk` makes them: the tail is log(1 - their mass), so top-k values from elsewhere (a
+    served teacher's prompt_logprobs) give the same bytes as the whole distribution would."""
+    top_lp = top_lp.float()
     delta = (top_lp[:, :1] - top_lp[:, 1:]).clamp(0, DELTA_MAX)  # (N, k-1)
     codes = torch.round(255 * torch.sqrt(delta / DELTA_MAX)).to(torch.uint8)
     mass = top_lp.double().exp().sum(-1)

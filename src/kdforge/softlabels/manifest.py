@@ -25,6 +25,10 @@ class TeacherInfo(_Part):
     # The precision the teacher ran in (bf16, fp16, fp32, int8, 4bit). None: a cache made before it was
     # recorded; such a manifest is written back without the key (softlabels.writer.manifest_json).
     precision: str | None = None
+    # A served teacher (spec http(s)://...): the model name its server reports (/v1/models) and the local
+    # tokenizer it was checked against. None for a local teacher; left out of the JSON then.
+    served_model: str | None = None
+    tokenizer: str | None = None
 
 
 class TokenizerInfo(_Part):

@@ -151,8 +151,10 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> None:
 
 def manifest_json(manifest: Manifest) -> dict[str, Any]:
     """The JSON object of ``manifest``: the keys, in the order, the cache has always had (a teacher
-    precision only when known: a cache made before it was recorded keeps its bytes)."""
+    precision only when known: a cache made before it was recorded keeps its bytes; a served teacher's
+    model name and tokenizer only for one)."""
     out = manifest.model_dump(mode="json")
-    if out["teacher"].get("precision") is None:
-        del out["teacher"]["precision"]
+    for key in ("precision", "served_model", "tokenizer"):
+        if out["teacher"].get(key) is None:
+            del out["teacher"][key]
     return out

@@ -43,14 +43,23 @@ from kdforge.artifacts import (
 from kdforge.config import ConfigError, StageConfig, dump, read_yaml
 from kdforge.data.formats import Conversation, select_split
 from kdforge.data.prompts import BUNDLED, bundled_prompts_path, load_prompt_set
-from kdforge.models.placement import QUANTIZED, TeacherPlacement, earlier_precision
+from kdforge.models.placement import (
+    QUANTIZED,
+    SERVED_MAY_CHANGE,
+    ServedTeacher,
+    TeacherPlacement,
+    earlier_precision,
+    earlier_served,
+    is_url,
+)
 from kdforge.stages import Stage
 
 
-class GenerateConfig(StageConfig, TeacherPlacement):
+class GenerateConfig(StageConfig, TeacherPlacement, ServedTeacher):
     """`kdforge generate`: the teacher answers a prompt set (sequence-level KD data)."""
 
-    model: str = Field(description="teacher: HF folder, GGUF file, or embedded:smollm2-135m-instruct")
+    model: str = Field(description="teacher: HF folder, GGUF file, embedded:smollm2-135m-instruct, or a served "
+                       "model http(s)://host:port/v1[#name] (with --set tokenizer=DIR)")
     prompts: str = Field("bundled", description="'bundled' or a JSONL file (prompt/messages/alpaca/sharegpt)")
     split: Literal["train", "validation", "all"] = Field("all", description="which prompts to answer")
     limit: int | None = Field(None, gt=0, description="use only the first N prompts of each split")
@@ -82,6 +91,14 @@ class GenerateConfig(StageConfig, TeacherPlacement):
             object.__setattr__(self, "do_sample", False)
         if self.num_samples > 1 and not self.do_sample:
             raise ValueError("num_samples > 1 needs sampling: set do_sample=true or preset=recipe")
+        if is_url(self.model):
+            if self.tokenizer is None:
+                raise ValueError(f"a served teacher ({self.model}) needs its tokenizer: --set tokenizer=DIR (the "
+                                 "teacher's folder or tokenizer files; checked against the server's /tokenize)")
+            if self.backend == "llama.cpp":
+                raise ValueError(f"{self.model} is a served model: backend llama.cpp runs local GGUF files only")
+        elif self.tokenizer is not None:
+            raise ValueError("tokenizer applies to a served teacher (http(s)://...); a local teacher brings its own")
         if self.backend == "llama.cpp" and (self.device_map is not None or self.precision in QUANTIZED):
             raise ValueError("device_map and int8/4bit apply to the transformers backend; llama.cpp runs the GGUF "
                              "file's own types")
@@ -97,7 +114,7 @@ FILES = {"data": DATA_NAME}  # this stage's layout (meta.json "files"): what rea
 # precision may not: bf16 and fp32 give different greedy answers, and one data set would hold both;
 # where the weights sit (device, device_map, max_memory, offload_folder) may.
 MAY_CHANGE = frozenset({"split", "limit", "val_limit", "out", "batch_size", "device", "preset", "device_map",
-                        "max_memory", "offload_folder"})
+                        "max_memory", "offload_folder"}) | SERVED_MAY_CHANGE
 
 
 def part_name(rank: int) -> str:
@@ -185,7 +202,8 @@ def _open_folder(cfg: GenerateConfig, out: Path, convs: list[Conversation]) -> l
     """Rank 0: check the resume, write config.yaml, repair torn lines; the ids already answered."""
     out.mkdir(parents=True, exist_ok=True)
     if (out / CONFIG_NAME).is_file():
-        check_resume(out, earlier_precision(read_yaml(out / CONFIG_NAME)), dump(cfg), MAY_CHANGE, "a generate run",
+        previous = earlier_served(earlier_precision(read_yaml(out / CONFIG_NAME)))
+        check_resume(out, previous, dump(cfg), MAY_CHANGE, "a generate run",
                      "Choose another --out, or pass --overwrite to start again.", ConfigError)
     write_config(out, dump(cfg))
     if not distributed.launched():
@@ -209,7 +227,7 @@ def _generate(cfg: GenerateConfig, out: Path, convs: list[Conversation], done: s
         placement = {k: v for k, v in cfg.load_kwargs(device).items() if k not in ("device", "dtype")}
         path = out / (DATA_NAME if world == 1 else part_name(rank))
         with open_model(cfg.model, cfg.backend, device, cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                        placement=placement) as lm:
+                        placement=placement, served=cfg.served_options()) as lm:
             generate_into(lm, todo, cfg, path, stats, rank=rank, world=world)
     every = distributed.gather(stats)  # also the point where every rank has finished its batches
     tokens = sum(s["generated_tokens"] for s in every)

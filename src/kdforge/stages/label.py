@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kdforge import distributed
 from kdforge.artifacts import (
@@ -40,7 +40,14 @@ from kdforge.artifacts import (
 )
 from kdforge.config import ConfigError, StageConfig, dump, read_yaml
 from kdforge.data.formats import data_file, load_training_data, select_split
-from kdforge.models.placement import TeacherPlacement, earlier_precision
+from kdforge.models.placement import (
+    SERVED_MAY_CHANGE,
+    ServedTeacher,
+    TeacherPlacement,
+    earlier_precision,
+    earlier_served,
+    is_url,
+)
 from kdforge.softlabels import MANIFEST
 from kdforge.stages import Stage
 
@@ -49,10 +56,11 @@ if TYPE_CHECKING:
     from kdforge.softlabels.writer import CacheWriter
 
 
-class LabelConfig(StageConfig, TeacherPlacement):
+class LabelConfig(StageConfig, TeacherPlacement, ServedTeacher):
     """`kdforge label`: the teacher's top-k soft labels cached on disk (offline distillation)."""
 
-    teacher: str = Field(description="teacher: HF folder, GGUF file, or embedded:smollm2-135m-instruct")
+    teacher: str = Field(description="teacher: HF folder, GGUF file, embedded:smollm2-135m-instruct, or a "
+                         "served model http(s)://host:port/v1[#name] (with --set tokenizer=DIR)")
     data: str = Field(description="a generate artifact folder or a JSONL file of conversations")
     out: str = Field("artifacts/labels", description="output folder (finished shards are reused on a re-run)")
     split: Literal["train", "validation", "all"] = "all"
@@ -66,12 +74,33 @@ class LabelConfig(StageConfig, TeacherPlacement):
                             "work shared between processes)")
     trust_remote_code: bool = False
 
+    @model_validator(mode="after")
+    def _served_teacher(self) -> LabelConfig:
+        if not is_url(self.teacher):
+            if self.tokenizer is not None:
+                raise ValueError("tokenizer applies to a served teacher (http(s)://...); a local teacher "
+                                 "brings its own")
+            return self
+        if self.hidden_layers:
+            raise ValueError(f"hidden_layers: a served teacher ({self.teacher}) returns log-probabilities only, "
+                             "never hidden states; label with the teacher loaded locally to keep them")
+        if self.temperature != 1.0:
+            raise ValueError(f"temperature {self.temperature}: a served teacher's prompt_logprobs are the "
+                             "model's log-softmax at temperature 1 and the top-k alone cannot be re-tempered; "
+                             "label at temperature 1 (distill applies its own temperature to the cache)")
+        if self.tokenizer is None:
+            raise ValueError(f"a served teacher ({self.teacher}) needs its tokenizer: --set tokenizer=DIR (the "
+                             "teacher's folder or tokenizer files; checked against the server's /tokenize)")
+        return self
+
 
 # Resuming keeps finished shards, so every setting that changes what a shard holds must match the
 # earlier run's: these are the only ones that may differ (how the work is scheduled, not its result).
 # dtype and precision are not among them: resuming in another precision would mix bf16 and fp32 labels
 # in one cache; where the weights sit (device, device_map, max_memory, offload_folder) may change.
-MAY_CHANGE = frozenset({"out", "batch_size", "device", "device_map", "max_memory", "offload_folder"})
+# The served teacher's request settings (concurrency, timeout, retries) schedule the work too.
+MAY_CHANGE = (frozenset({"out", "batch_size", "device", "device_map", "max_memory", "offload_folder"})
+              | SERVED_MAY_CHANGE)
 FILES = {"manifest": MANIFEST}  # this stage's layout (meta.json "files"); the manifest lists the shards
 
 
@@ -97,10 +126,7 @@ def run(cfg: LabelConfig, overwrite: bool = False) -> dict[str, Any]:
 
 
 def _label(cfg: LabelConfig, overwrite: bool, device: str) -> dict[str, Any]:
-    from tqdm import tqdm
-
     from kdforge.data.batching import shared_vocab_size
-    from kdforge.data.chat import encode_conversation
     from kdforge.models.loading import load_model
     from kdforge.softlabels.writer import CacheWriter
 
@@ -116,7 +142,8 @@ def _label(cfg: LabelConfig, overwrite: bool, device: str) -> dict[str, Any]:
         if overwrite and out.exists():
             shutil.rmtree(out)
         if (out / CONFIG_NAME).is_file():
-            check_resume(out, earlier_precision(read_yaml(out / CONFIG_NAME)), dump(cfg), MAY_CHANGE, "labels",
+            previous = earlier_served(earlier_precision(read_yaml(out / CONFIG_NAME)))
+            check_resume(out, previous, dump(cfg), MAY_CHANGE, "labels",
                          "Use another --out, or --overwrite to label again.", ConfigError)
         # Shards finished by an earlier run (named in its manifest or in a shard's sidecar) are reused.
         opened.append(CacheWriter(out))
@@ -126,8 +153,31 @@ def _label(cfg: LabelConfig, overwrite: bool, device: str) -> dict[str, Any]:
     known = distributed.on_main(open_folder)  # rank 0 alone reads (and removes) the old manifest
     writer = opened[0] if opened else CacheWriter(out, known=known)
 
-    teacher, tok = load_model(cfg.teacher, trust_remote_code=cfg.trust_remote_code, **cfg.load_kwargs(device))
-    vocab = shared_vocab_size(tok, teacher)
+    if is_url(cfg.teacher):
+        from kdforge.runtime.served import ServedRuntime
+
+        # Every rank opens its own client; the server(s) take the load (requests in flight per URL per rank).
+        teacher = ServedRuntime.load(cfg.teacher, trust_remote_code=cfg.trust_remote_code,
+                                     placement={k: v for k, v in cfg.load_kwargs(device).items()
+                                                if k not in ("device", "dtype")}, **cfg.served_options())
+        tok = teacher.tokenizer
+        vocab = len(tok)
+    else:
+        teacher, tok = load_model(cfg.teacher, trust_remote_code=cfg.trust_remote_code, **cfg.load_kwargs(device))
+        vocab = shared_vocab_size(tok, teacher)
+    try:
+        return _label_with(cfg, out, convs, writer, teacher, tok, vocab, t0)
+    finally:
+        if is_url(cfg.teacher):
+            teacher.close()
+
+
+def _label_with(cfg: LabelConfig, out: Path, convs: list, writer: CacheWriter, teacher, tok, vocab: int,
+                t0: float) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from kdforge.data.chat import encode_conversation
+
     bad = [x for x in cfg.hidden_layers if not 0 <= x < teacher.config.num_hidden_layers]
     if bad:
         n = teacher.config.num_hidden_layers
@@ -148,7 +198,8 @@ def _label(cfg: LabelConfig, overwrite: bool, device: str) -> dict[str, Any]:
     for s in mine:
         lo, hi = bounds[s]
         t = time.time()
-        arrays = label_examples(teacher, tok, encoded[lo:hi], cfg, vocab, bar)
+        label = served_label_examples if is_url(cfg.teacher) else label_examples
+        arrays = label(teacher, tok, encoded[lo:hi], cfg, vocab, bar)
         stats["seconds"] += time.time() - t
         written[s] = writer.write_shard(s, arrays)
         stats["targets"] += written[s].targets
@@ -171,21 +222,33 @@ def _finish(cfg: LabelConfig, writer: CacheWriter, shards: dict[int, ShardInfo],
     for index, info in shards.items():
         writer.adopt(index, info)
     data = data_file(cfg.data)
+    if is_url(cfg.teacher):
+        # The weights are the server's: the manifest names the server, the model it reports and the local
+        # tokenizer (whose hashes are the manifest's tokenizer section); layers and width from its config.json.
+        info = TeacherInfo(spec=cfg.teacher, weights_sha256="n/a (served)", served_model=teacher.model_name,
+                           tokenizer=str(Path(cfg.tokenizer).resolve()) if Path(cfg.tokenizer).exists()
+                           else cfg.tokenizer)
+        shape = _served_shape(cfg.tokenizer)
+    else:
+        info = TeacherInfo(spec=cfg.teacher, weights_sha256=_weights_sha256(cfg.teacher),
+                           precision=precision_of(teacher))
+        shape = (teacher.config.num_hidden_layers, teacher.config.hidden_size)
     manifest = writer.finish(
-        teacher=TeacherInfo(spec=cfg.teacher, weights_sha256=_weights_sha256(cfg.teacher),
-                            precision=precision_of(teacher)),
+        teacher=info,
         tokenizer=tokenizer_fingerprint(tok),
         data=DataInfo(path=str(data.resolve()), sha256=file_sha256(data), split=cfg.split, limit=cfg.limit),
         examples=[ExampleInfo(id=c.id, split=c.split or "train") for c in convs],
         k=cfg.top_k, temperature=cfg.temperature, max_length=cfg.max_length, vocab_size=vocab,
-        hidden_layers=cfg.hidden_layers, teacher_layers=teacher.config.num_hidden_layers,
-        teacher_hidden_size=teacher.config.hidden_size, tokens=sum(len(e.input_ids) for e in encoded))
+        hidden_layers=cfg.hidden_layers, teacher_layers=shape[0], teacher_hidden_size=shape[1],
+        tokens=sum(len(e.input_ids) for e in encoded))
     metrics = {"examples": len(encoded), "targets": manifest.counts.targets, "shards": len(manifest.shards),
                "reused_examples": stats["reused"],
                "label_tokens_per_s": round(stats["targets"] / stats["seconds"], 1) if stats["seconds"] else None,
                "bytes_per_target_token": manifest.bytes_per_target_token.on_disk}
     if distributed.launched():
         metrics["processes"] = distributed.world_size()
+    if is_url(cfg.teacher):
+        metrics["served"] = {"model": teacher.model_name, "urls": teacher.urls, **teacher.stats}
     write_meta(cfg.out, "label", {"teacher": cfg.teacher if Path(cfg.teacher).exists() else None, "data": cfg.data},
                metrics, time.time() - t0, files=FILES)
     return metrics
@@ -244,6 +307,43 @@ def _label_examples(teacher, tok, examples, cfg: LabelConfig, vocab: int, bar) -
     arrays["target_offsets"] = np.asarray(n_targets, dtype=np.int64)
     if cfg.hidden_layers:
         arrays["token_offsets"] = np.asarray(n_tokens, dtype=np.int64)
+    return arrays
+
+
+def _served_shape(tokenizer: str) -> tuple[int, int]:
+    """(layers, hidden size) from a served teacher's config.json next to its tokenizer (0, 0 when there is none)."""
+    path = Path(tokenizer) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0, 0
+    config = config.get("text_config", config)
+    return int(config.get("num_hidden_layers") or 0), int(config.get("hidden_size") or 0)
+
+
+def served_label_examples(teacher, tok, examples, cfg: LabelConfig, vocab: int, bar) -> dict:
+    """A shard's labels from a served teacher: one prompt_logprobs request per example (concurrent), its rows
+    at the target positions encoded as the local path encodes its log_softmax top-k (`encode_topk_values`)."""
+    import numpy as np
+    import torch
+
+    from kdforge.data.chat import IGNORE_INDEX
+    from kdforge.softlabels.format import encode_topk_values
+
+    got = teacher.prompt_topk([e.input_ids for e in examples], cfg.top_k, progress=bar.update)
+    parts: dict[str, list[np.ndarray]] = {}
+    n_targets = [0]
+    for ex, rows in zip(examples, got):
+        keep = torch.tensor([lab != IGNORE_INDEX for lab in ex.labels[1:]], dtype=torch.bool)  # (L-1,)
+        if rows.ids.numel() and int(rows.ids.max()) >= vocab:
+            raise ConfigError(f"the served teacher returned token id {int(rows.ids.max())}, past the tokenizer's "
+                              f"{vocab} tokens (padded embedding rows); the tokenizer does not go with the model")
+        enc = encode_topk_values(rows.logprobs[keep], rows.ids[keep], vocab)
+        for k, v in enc.items():
+            parts.setdefault(k, []).append(v)
+        n_targets.append(n_targets[-1] + int(keep.sum()))
+    arrays = {k: np.ascontiguousarray(np.concatenate(v)) for k, v in parts.items()}
+    arrays["target_offsets"] = np.asarray(n_targets, dtype=np.int64)
     return arrays
 
 
