@@ -353,3 +353,32 @@ def test_client_parses_vllms_recorded_responses():
             assert row == pytest.approx(max(e["logprob"] for e in entry.values()))
     with pytest.raises(ServedModelError, match="another prompt"):
         parse_prompt_logprobs(top["response"]["choices"][0]["prompt_logprobs"], 2, [9707, 12, 1879, 0])
+
+
+# ---- distill's teacher source (distill/served_teacher.py; not wired into the stage yet) ---------------------
+def test_served_teacher_source_gives_the_local_top_k_signal(served):
+    t_dir, _, url = served
+    from kdforge.data.batching import collate
+    from kdforge.data.chat import encode_conversation
+    from kdforge.distill.losses import sparse_divergence
+    from kdforge.distill.served_teacher import ServedTeacher, tail_logmass
+    from kdforge.distill.teacher_source import TeacherRequest
+    from kdforge.models.forward import target_logits
+    from kdforge.models.loading import load_model
+
+    model, tok = load_model(str(t_dir))
+    batch = collate([encode_conversation(tok, c, 256) for c in CONVS[:4]], tok.pad_token_id)
+    with ServedRuntime.load(url, tokenizer=str(t_dir)) as lm:
+        signal = ServedTeacher(lm, 8, len(tok))(batch, TeacherRequest()).signal
+        with pytest.raises(UserError, match="log-probabilities only"):
+            ServedTeacher(lm, 8, len(tok))(batch, TeacherRequest(layers=(0,), hidden=True))
+    with torch.no_grad():
+        logits, _ = target_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"], len(tok))
+    top, ids = torch.log_softmax(logits.float(), -1).topk(8, -1)
+    assert torch.equal(signal.ids, ids)
+    torch.testing.assert_close(signal.logprobs, top, atol=1e-4, rtol=0)
+    student = torch.randn_like(logits)
+    local = sparse_divergence(student, ids, top, tail_logmass(top), "forward_kl", temperature=2.0)
+    there = sparse_divergence(student, signal.ids, signal.logprobs, signal.tail_logmass, "forward_kl",
+                              temperature=2.0, capture_temperature=signal.capture_temperature)
+    torch.testing.assert_close(there, local, atol=1e-4, rtol=1e-4)
