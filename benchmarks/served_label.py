@@ -6,6 +6,11 @@ that the served caches equal the local one (ids, log-probs within 1e-4) and prin
   local_tokens_per_s, served_1_tokens_per_s, served_4_tokens_per_s   target tokens labelled per second
   served_1_vs_local, served_4_vs_local                               ratios
   max_abs_logprob_diff, ids_equal                                    served (4 in flight) vs local
+The local run labels batches of 8 (packed rows), the server one unpadded conversation per request, so the
+two differ by float rounding: enough to swap near-tied ids deep in the top-k and to flip a deep square-root
+code (half a code step is ~0.1 nats 20 nats below the top-1), hence ids_equal false and a max diff ~0.1.
+Against a local run at batch_size 1 the shards are byte for byte equal
+(tests/test_served_teacher.py::test_label_through_the_server_equals_local).
 Server and client share this machine's cores (on a real setup the teacher server has its own GPUs), so
 the ratio measures the protocol's overhead, not a served teacher's speed.
 Usage: python benchmarks/served_label.py [--teacher embedded:smollm2-135m-instruct] [--conversations 48]
