@@ -382,3 +382,36 @@ def test_served_teacher_source_gives_the_local_top_k_signal(served):
     there = sparse_divergence(student, signal.ids, signal.logprobs, signal.tail_logmass, "forward_kl",
                               temperature=2.0, capture_temperature=signal.capture_temperature)
     torch.testing.assert_close(there, local, atol=1e-4, rtol=1e-4)
+
+
+def test_distill_from_the_server_trains_as_from_the_cache(served, tmp_path, tokenizer):
+    """`kdforge distill --teacher URL`: the top-k signal asked of the server every step gives the losses of the
+    same teacher's top-k label cache (which differs only by its fp16 / square-root quantisation)."""
+    from kdforge.cli import main
+
+    from .conftest import save_tiny
+
+    t_dir, _, url = served
+    arch = json.loads((Path(t_dir) / "config.json").read_text())["model_type"]
+    student = save_tiny(tmp_path / "student", arch, tokenizer, seed=3)  # another model: a real divergence
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(student / "model.safetensors"))
+    weights["model.norm.weight"] *= 32  # peaked predictions: a KL term of nats, not of 1e-5 (random models are flat)
+    save_file(weights, str(student / "model.safetensors"), metadata={"format": "pt"})
+    data = _data(tmp_path)
+    assert main(["label", str(t_dir), "--data", str(data), "--out", str(tmp_path / "labels"), "--set", "top_k=16",
+                 "--set", "device=cpu", "--set", "batch_size=1"]) == 0
+    common = ["--student", str(student), "--data", str(data), "--steps", "3", "--batch-size", "2",
+              "--set", "log_every=1", "--set", "device=cpu", "--set", "precision=fp32", "--set", "warmup_steps=0"]
+    assert main(["distill", "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "cache"), *common]) == 0
+    assert main(["distill", "--teacher", url, "--set", f"teacher_server.tokenizer={t_dir}",
+                 "--set", "teacher_top_k=16", "--out", str(tmp_path / "served"), *common]) == 0
+
+    def rows(name):
+        return [json.loads(x) for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+
+    served_rows, cache_rows = rows("served"), rows("cache")
+    assert [r["soft"] for r in served_rows] == pytest.approx([r["soft"] for r in cache_rows], rel=1e-3)
+    assert [r["loss"] for r in served_rows] == pytest.approx([r["loss"] for r in cache_rows], rel=1e-3)
+    assert main(["distill", "--teacher", url, "--out", str(tmp_path / "no-tok"), *common]) == 2  # no tokenizer

@@ -35,7 +35,8 @@ from kdforge.artifacts import (
 )
 from kdforge.config import ConfigError, StageConfig, dump, read_yaml
 from kdforge.distill.schedules import Schedule, as_schedule
-from kdforge.models.placement import QUANTIZED, TeacherPlacement
+from kdforge.models.placement import QUANTIZED, TeacherPlacement, is_url
+from kdforge.models.placement import ServedTeacher as ServedSettings
 from kdforge.stages import Stage
 
 ScheduleLike = float | Schedule | str  # a number, a schedule mapping, or a preset name
@@ -69,6 +70,11 @@ class DistillConfig(StageConfig):
     teacher_placement: TeacherPlacement = Field(
         default_factory=TeacherPlacement, description="where the live teacher's weights go and in what precision: "
         "device_map (auto: across the GPUs, then CPU memory), max_memory, precision bf16/fp16/fp32/int8/4bit")
+    teacher_server: ServedSettings = Field(
+        default_factory=ServedSettings, description="a teacher behind a vLLM-compatible server (teacher: "
+        "http(s)://host:port/v1): its local tokenizer folder and how requests are sent")
+    teacher_top_k: int = Field(64, gt=1, le=1024, description="a served teacher: log-probs per target token "
+                               "asked each step (at most the server's --max-logprobs)")
     student: str = Field(description="the student to train: an HF folder (e.g. a `kdforge student` artifact)")
     data: str = Field(description="a generate artifact folder or a JSONL file of conversations")
     labels: str | None = Field(None, description="a `kdforge label` cache: train from it, never load the teacher")
@@ -140,6 +146,13 @@ class DistillConfig(StageConfig):
         bad = [w for w in self.category_weights.values() if w < 0]
         if bad:
             raise ValueError(f"category_weights must be >= 0, got {bad}")
+        if self.teacher is not None and is_url(self.teacher):
+            if self.teacher_server.tokenizer is None:
+                raise ValueError("a served teacher needs its tokenizer locally: set teacher_server.tokenizer "
+                                 "to the teacher's tokenizer folder")
+            if self.hidden_loss != "none" or self.attention_loss != "none" or self.preset == "two_stage":
+                raise ValueError("a served teacher returns log-probabilities only: hidden-state and attention "
+                                 "alignment need a local teacher (or a cache labelled with --hidden-layers)")
         if self.labels and (self.attention_loss != "none" or self.preset == "two_stage"):
             raise ValueError("attention-map alignment needs a live teacher; the soft-label cache holds no attention")
         if self.global_batch_size is not None and self.global_batch_size % self.batch_size:
@@ -174,7 +187,7 @@ FILES = {"log": LOG_NAME}  # this stage's layout (meta.json "files"); the HF mod
 # Resuming continues the optimisation from a checkpoint: only settings that change bookkeeping may
 # differ (logging, validation, checkpointing, where it runs); any other, a new field included, must match.
 MAY_CHANGE = frozenset({"log_every", "eval_every", "val_limit", "save_every", "keep_checkpoints", "tensorboard",
-                        "out", "device", "distributed"})
+                        "out", "device", "distributed", "teacher_server"})
 
 
 def _prepare_out(cfg: DistillConfig, overwrite: bool, resume: bool) -> Path | None:
@@ -326,7 +339,8 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
                           if cfg.eval_every else ([], []))
     val_rows = rows_for(val_kept) if val_data else None
     device = next(student.parameters()).device
-    layer_map = resolve_layer_map(cfg.layer_map, cfg.student, student, teacher.num_layers)
+    # A served teacher has no layers to align to (alignment is refused with it): no map.
+    layer_map = resolve_layer_map(cfg.layer_map, cfg.student, student, teacher.num_layers) if teacher.num_layers else {}
     projection = None
     if cfg.hidden_loss != "none" and student.config.hidden_size != teacher.hidden_size:
         # Learned map from the student's width to the teacher's; trained with the student, not shipped.
@@ -419,6 +433,17 @@ def _teacher_signal(cfg: DistillConfig, cache, student, tok, device, par):
             raise ConfigError(f"the cache was labelled with max_length {cache.manifest.max_length}; "
                               f"set distill.max_length to the same (now {cfg.max_length})")
         return CachedTeacher(cache), shared_vocab_size(tok, student), cache.rows()
+    if is_url(cfg.teacher):
+        # A teacher behind a server: the top-k signal of each micro-batch through /v1/completions (every rank
+        # asks for its own micro-batches); nothing of it is loaded here, nothing to shard.
+        from kdforge.distill.served_teacher import ServedTeacher
+        from kdforge.runtime.served import ServedRuntime
+
+        lm = ServedRuntime.load(cfg.teacher, trust_remote_code=cfg.trust_remote_code,
+                                **cfg.teacher_server.served_options())
+        check_same_tokenizer(lm.tokenizer, tok)
+        vocab = shared_vocab_size(tok, student)
+        return ServedTeacher(lm, cfg.teacher_top_k, vocab), vocab, None
     placement = cfg.teacher_placement
     # A mapped or quantised teacher stays where its map put it (each rank maps its own copy over its GPUs).
     placed = placement.device_map is not None or placement.precision in QUANTIZED
@@ -523,6 +548,9 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
     from kdforge import distributed
 
     cfg = t.cfg
+    runtime = getattr(t.distiller.teacher, "runtime", None)
+    if runtime is not None:
+        runtime.close()  # a served teacher's connections
     # A collective where weights are sharded (every rank takes part); DeepSpeed's engine holds its own copy.
     state = t.par.full_state_dict(t.root) if t.par.shards or t.par.strategy == "deepspeed" else None
     if not distributed.is_main():
