@@ -193,7 +193,8 @@ def _label_with(cfg: LabelConfig, out: Path, convs: list, writer: CacheWriter, t
     stats = {"targets": 0, "seconds": 0.0, "reused": sum(bounds[s][1] - bounds[s][0] for s in reused)}
     bar = tqdm(total=stats["reused"] + sum(bounds[s][1] - bounds[s][0] for s in mine), initial=stats["reused"],
                desc="label" if not distributed.launched() else f"label (rank 0 of {distributed.world_size()})",
-               unit="conv", dynamic_ncols=True, disable=not distributed.is_main())
+               unit="request" if is_url(cfg.teacher) else "conv",  # a served teacher: one request a conversation
+               dynamic_ncols=True, disable=not distributed.is_main())
     written: dict[int, ShardInfo] = {}
     for s in mine:
         lo, hi = bounds[s]
@@ -203,6 +204,7 @@ def _label_with(cfg: LabelConfig, out: Path, convs: list, writer: CacheWriter, t
         stats["seconds"] += time.time() - t
         written[s] = writer.write_shard(s, arrays)
         stats["targets"] += written[s].targets
+        bar.set_postfix(target_tok_s=f"{stats['targets'] / max(stats['seconds'], 1e-9):.0f}")
     bar.close()
     every = distributed.gather((written, stats))  # also the point where every rank has written its shards
     for part, _ in every:
