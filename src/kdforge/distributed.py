@@ -14,8 +14,6 @@ write only files of their own (their shards), and everyone meets at a `barrier()
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 
@@ -100,10 +98,6 @@ def gather(obj: Any) -> list[Any]:
     return out
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any: so that an error on one rank stops them all."""
-    return any(gather(bool(flag)))
-
 
 def shard_of(items: list, r: int | None = None, n: int | None = None) -> list:
     """Rank ``r``'s share of ``items`` (whole items, round robin: rank r takes items r, r+n, ...)."""
@@ -127,23 +121,6 @@ def on_main(fn, *args, **kwargs) -> Any:
     return result
 
 
-@contextmanager
-def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. creates a folder), the others after it."""
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
-
-
-def finish() -> None:
-    """Leave the process group cleanly at the end of a stage (a no-op without one)."""
-    if _group_ready():
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def leave() -> None:

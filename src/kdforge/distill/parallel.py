@@ -101,7 +101,7 @@ class Parallel:
 
     def mine(self, items: list) -> list:
         """This rank's share of a step's global micro-batch list."""
-        return items[self.rank::self.world] if self.active else items
+        return distributed.shard_of(items, self.rank, self.world) if self.active else items
 
     # -- wrapping -------------------------------------------------------------------------------------
 
@@ -261,8 +261,3 @@ def current(strategy: str, zero_stage: int = 3) -> Parallel:
 
     stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", zero_stage))
     return Parallel(resolve(strategy, distributed.world_size()), distributed.rank(), distributed.world_size(), stage)
-
-
-def unwrap(module: Any) -> Any:
-    """The TargetHidden (or teacher root) inside a DDP wrapper; FSDP2 keeps the module itself."""
-    return module.module if hasattr(module, "module") and not isinstance(module, TargetHidden) else module
