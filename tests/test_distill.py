@@ -229,14 +229,17 @@ def test_qwen_teacher_with_padded_vocab_distils_into_smaller_vocab_student(token
     assert m["final"]["val_kl"] > 0 and torch.isfinite(torch.tensor(m["final"]["loss"]))
 
 
-def test_different_tokenizers_are_refused(tokenizer, tmp_path, data_file):
+def test_a_tokenizer_that_does_not_fit_the_student_is_refused(tokenizer, tmp_path, data_file):
+    # (A student with *another* tokenizer trains through the cross-tokenizer path: tests/test_cross_tokenizer.py.)
     t, s = _pair(tmp_path, tokenizer)
     from transformers import AutoTokenizer
+
+    from kdforge.errors import UserError
 
     other = AutoTokenizer.from_pretrained(s)
     other.add_tokens(["<brand_new_token>"])
     other.save_pretrained(s)
-    with pytest.raises(ConfigError, match="tokenizers differ"):
+    with pytest.raises(UserError, match="does not go with the model"):
         run_distill(DistillConfig(teacher=t, student=s, data=str(data_file), out=str(tmp_path / "o"), max_steps=1))
     assert not (tmp_path / "o" / "model.safetensors").exists()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kdforge.data.chat import IGNORE_INDEX, EncodedConversation
+from kdforge.errors import UserError
 
 
 def collate(examples: list[EncodedConversation], pad_id: int) -> dict[str, torch.Tensor]:
@@ -39,5 +40,6 @@ def shared_vocab_size(tokenizer, *models) -> int:
     for m in models:
         rows = getattr(m, "vocab_rows", None) or m.get_output_embeddings().weight.shape[0]  # llama.cpp: n_vocab
         if rows < n:
-            raise ValueError(f"a model has {rows} output rows but the tokenizer has {n} tokens")
+            raise UserError(f"a model has {rows} output rows but its tokenizer has {n} tokens: this tokenizer does "
+                            "not go with the model (after adding tokens, resize the model's embeddings)")
     return n

@@ -33,6 +33,9 @@ class TeacherOutput:
     signal: TeacherSignal | None                                   # at the N target positions
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> (B, T, H)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> (B, h, T, T)
+    # (N,) the teacher's log-prob of each target token as written, at the capture temperature: a cache
+    # labelled for cross-tokenizer training has it (a live teacher's logits hold it already)
+    actual_logp: torch.Tensor | None = None
 
 
 class TeacherTargets(torch.nn.Module):
@@ -53,9 +56,13 @@ class TeacherTargets(torch.nn.Module):
 
 
 class LiveTeacher:
-    def __init__(self, model, vocab: int, wrap=None):
-        """``wrap``: applied to the TeacherTargets module (kdforge.distill.parallel shards it with FSDP2)."""
+    def __init__(self, model, vocab: int, wrap=None, kept_ids: torch.Tensor | None = None):
+        """``wrap``: applied to the TeacherTargets module (kdforge.distill.parallel shards it with FSDP2).
+        ``kept_ids``: a student with a trimmed vocabulary (kdforge.models.vocab_trim): student id i is teacher id
+        kept_ids[i]. The teacher reads the batch's ids mapped to its own and its logits are cut to the kept ids,
+        (N, K): the log-softmax over them renormalises the teacher's distribution over what the student can say."""
         self.model, self.vocab = model, vocab
+        self.kept_ids = kept_ids
         self.num_layers = model.config.num_hidden_layers
         self.hidden_size = model.config.hidden_size
         for p in model.parameters():
@@ -70,6 +77,10 @@ class LiveTeacher:
         out_dev = batch["input_ids"].device
         # A device-mapped teacher takes its inputs where its embedding runs; its outputs come back to the student.
         ids, mask, labels = (batch[k].to(self.input_device) for k in ("input_ids", "attention_mask", "labels"))
+        if self.kept_ids is not None:
+            kept = self.kept_ids.to(ids.device)
+            ids = kept[ids]
+            labels = torch.where(labels == IGNORE_INDEX, labels, kept[labels.clamp(min=0)])
         # Captured layer outputs must keep the padded (B, T) layout of the student's: no packing then.
         pack_length = req.pack_length if not req.layers else None
         hidden, attention = req.hidden, req.attention
@@ -77,6 +88,8 @@ class LiveTeacher:
             signal = self.root(ids, mask, labels, req.logits, hidden or attention, pack_length)  # (N, V) or None
         if hasattr(self.root, "reshard"):
             self.root.reshard()  # FSDP2 keeps a root's gathered weights after forward; a teacher has no backward
+        if signal is not None and self.kept_ids is not None:
+            signal = signal[:, self.kept_ids.to(signal.device)]  # (N, K)
         return TeacherOutput(None if signal is None else signal.to(out_dev),
                              {k: v.to(out_dev) for k, v in store["hidden"].items()},
                              {k: v.to(out_dev) for k, v in store["attention"].items()})
@@ -102,12 +115,14 @@ class CachedTeacher:
                 raise CacheError(f"cache example {r} has {lab.ids.shape[0]} target tokens, the data has {n}: the "
                                  "cache was made from other data or another max_length; re-run `kdforge label`")
         device = batch["input_ids"].device
-        signal = None
+        signal = actual = None
         if req.logits:
             signal = SparseSignal(torch.cat([x.ids for x in labels]).to(device),
                                   torch.cat([x.logprobs for x in labels]).to(device),
                                   torch.cat([x.tail_logmass for x in labels]).to(device),
                                   self.cache.temperature)
+            if all(x.actual_logp is not None for x in labels):
+                actual = torch.cat([x.actual_logp for x in labels]).to(device)
         out: dict[int, torch.Tensor] = {}
         if req.hidden:
             b, t = batch["input_ids"].shape
@@ -120,4 +135,4 @@ class CachedTeacher:
                     h = lab.hidden[layer]
                     padded[i, :h.shape[0]] = h.to(device)
                 out[layer] = padded
-        return TeacherOutput(signal, out)
+        return TeacherOutput(signal, out, actual_logp=actual)

@@ -24,6 +24,8 @@ from kdforge.data.batching import collate
 from kdforge.data.chat import IGNORE_INDEX, EncodedConversation, encode_conversation
 from kdforge.data.formats import Conversation
 from kdforge.distill.alignment import attention_loss_sum, default_layer_map, hidden_loss_sum
+from kdforge.distill.cross_losses import cross_terms
+from kdforge.distill.cross_teacher import CrossSignal, add_to_batch
 from kdforge.distill.losses import SparseSignal, hard_ce, kd_terms, soft_divergence
 from kdforge.distill.parallel import Parallel, TargetHidden, grad_into
 from kdforge.distill.schedules import Progress, Schedule
@@ -83,11 +85,15 @@ def step_totals(micro: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
             sum(int(b["attention_mask"].sum()) for b in micro))
 
 
-def make_batch(examples: list[EncodedConversation], rows: list[int] | None, pad_id: int) -> dict[str, torch.Tensor]:
-    """Padded tensors, plus the examples' rows in the soft-label cache when training from one."""
+def make_batch(examples: list[EncodedConversation], rows: list[int] | None, pad_id: int,
+               pairs: list | None = None, teacher_pad_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Padded tensors, plus the examples' rows in the soft-label cache when training from one, plus the
+    teacher's encoding and the spans when it tokenises differently (``pairs``: cross_teacher.Pair each)."""
     batch = collate(examples, pad_id)
     if rows is not None:
         batch["rows"] = torch.tensor(rows)
+    if pairs is not None:
+        batch = add_to_batch(batch, pairs, teacher_pad_id)
     return batch
 
 
@@ -97,12 +103,14 @@ class Distiller:
     def __init__(self, objective: Objective, teacher: LiveTeacher | CachedTeacher, student, vocab: int,
                  layer_map: dict[int, int], projection: torch.nn.Module | None,
                  autocast: contextlib.AbstractContextManager | None = None,
-                 parallel: Parallel | None = None, root: torch.nn.Module | None = None):
+                 parallel: Parallel | None = None, root: torch.nn.Module | None = None, cross=None):
         """``root``: the student as the trainer calls it (a TargetHidden, wrapped by DDP or FSDP2 in a
-        parallel run: kdforge.distill.parallel); built here for one process."""
+        parallel run: kdforge.distill.parallel); built here for one process. ``cross``: a CrossSetup when
+        teacher and student tokenise differently (the teacher then yields CrossSignals)."""
         self.objective, self.teacher, self.student, self.vocab = objective, teacher, student, vocab
         self.layer_map, self.projection = layer_map, projection
         self.autocast = autocast
+        self.cross = cross
         self.pack_length = objective.pack_length
         self.parallel = parallel or Parallel()
         self.root = root if root is not None else TargetHidden(student, projection)
@@ -214,12 +222,24 @@ class Distiller:
             h, targets = self.root(b["input_ids"], b["attention_mask"], b["labels"], self.pack_length)
             s_logits = project(self.student, h, self.vocab)  # (N, V)
             sums["val_ce"] += float(hard_ce(s_logits, targets).sum())
+            if isinstance(t_out.signal, CrossSignal):
+                # Per aligned span: the shared-vocabulary KL at T=1 and whether the top-1 tokens agree on the text.
+                kl, top1, spans = self.cross.evaluate(s_logits, targets, t_out.signal)
+                sums["val_kl"] += kl
+                sums["val_top1"] += top1
+                n += spans
+                continue
             sums["val_kl"] += float(soft_divergence(s_logits, t_out.signal, "forward_kl", 1.0,
                                                     chunk_size=self.objective.chunk_size).sum())
             t_top = t_out.signal.top1() if isinstance(t_out.signal, SparseSignal) else t_out.signal.argmax(-1)
             sums["val_top1"] += float((s_logits.argmax(-1) == t_top).sum())
             n += targets.numel()
-        return {k: v / max(n, 1) for k, v in sums.items()}
+        out = {k: v / max(n, 1) for k, v in sums.items()}
+        if self.cross is not None:
+            # val_ce stays per student token (the data's own tokenisation); the others are per aligned span.
+            out["val_ce"] = sums["val_ce"] / max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+                                                     for b in batches), 1)
+        return out
 
     def _token_terms(self, s_hidden: torch.Tensor, signal, targets: torch.Tensor, w: dict[str, float],
                      n_targets: int) -> tuple[dict[str, float], torch.Tensor | None,
@@ -242,13 +262,21 @@ class Distiller:
         head = [p for p in self.student.get_output_embeddings().parameters() if p.requires_grad] if defer else []
         head_grads = [self.parallel.zeros_like(p) for p in head]
         leaf_grad = torch.zeros_like(leaf) if defer else None  # (N, H)
-        for start in range(0, n, size):
-            sl = slice(start, start + size)
+        cross = isinstance(signal, CrossSignal)
+        # A span's tokens are scored together: chunks of a cross-tokenizer signal end between spans.
+        cuts = signal.index.cuts(n, size) if cross else list(range(0, n, size)) + [n]
+        for start, stop in zip(cuts, cuts[1:]):
+            sl = slice(start, stop)
             x = leaf[sl]  # (chunk, H)
             with self.autocast or contextlib.nullcontext():
                 logits = project(self.student, x, self.vocab)  # (chunk, V)
-            sig = signal.rows(sl) if isinstance(signal, SparseSignal) else (signal[sl] if signal is not None else None)
-            terms = kd_terms(logits, sig, targets[sl], w["alpha"], w["temperature"], c.loss, c.jsd_beta, c.skew)
+            if cross:
+                terms = cross_terms(logits, targets[sl], start, signal, self.cross.vocab, self.cross.t_vocab,
+                                    w["alpha"], w["temperature"], self.cross.objective)
+            else:
+                sig = (signal.rows(sl) if isinstance(signal, SparseSignal)
+                       else (signal[sl] if signal is not None else None))
+                terms = kd_terms(logits, sig, targets[sl], w["alpha"], w["temperature"], c.loss, c.jsd_beta, c.skew)
             scaled = w["kd_weight"] * terms["loss"] / max(n_targets, 1)
             if defer and scaled.requires_grad:
                 grads = torch.autograd.grad(scaled, [x, *head], allow_unused=True)

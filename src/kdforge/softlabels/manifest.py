@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+TEACHER_TOKENIZER = "teacher_tokenizer"  # a cross-tokenizer cache's copy of the teacher's tokenizer
+
 
 class _Part(BaseModel):
     # Unknown keys are refused: every key of the format is declared here, so one that is not was
@@ -98,3 +100,7 @@ class Manifest(_Part):
     counts: Counts
     bytes_per_target_token: BytesPerTarget
     shards: list[ShardInfo]
+    # A cache for a student with another tokenizer (docs/cross-tokenizer.md): each shard also holds
+    # target_ids (the teacher's own target tokens) and target_logprob (their log-probs), and the folder the
+    # teacher's tokenizer (TEACHER_TOKENIZER). None: a same-tokenizer cache; left out of the JSON then.
+    cross_tokenizer: bool | None = None

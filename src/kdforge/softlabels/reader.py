@@ -53,6 +53,8 @@ class SparseLabels:
     logprobs: torch.Tensor   # (N, k) float32 log-probabilities at the capture temperature
     tail_logmass: torch.Tensor  # (N,) float32 log of the mass outside the top-k
     hidden: dict[int, torch.Tensor]  # teacher layer -> (T, H) float32 hidden states of all real tokens
+    # (N,) float32 log-prob of each target token as written (a cache labelled with cross_tokenizer); else None
+    actual_logp: torch.Tensor | None = None
 
 
 class SoftLabelCache:
@@ -85,6 +87,18 @@ class SoftLabelCache:
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def teacher_tokenizer(self):
+        """A cross-tokenizer cache's copy of the teacher's tokenizer (what offline training encodes the data with)."""
+        from transformers import AutoTokenizer
+
+        from kdforge.softlabels.manifest import TEACHER_TOKENIZER
+
+        folder = self.path / TEACHER_TOKENIZER
+        if not folder.is_dir():
+            raise CacheError(f"{folder} is missing: this cross-tokenizer cache is incomplete; re-run `kdforge label "
+                             "--set cross_tokenizer=true` with the same --out")
+        return AutoTokenizer.from_pretrained(folder)
 
     def check_compatible(self, tokenizer, data_sha256: str | None = None, data_path: str | None = None) -> None:
         """Refuse a cache made with another tokenizer, chat template or data file (``data_path``: the data
@@ -134,4 +148,7 @@ class SoftLabelCache:
             ta, tb = int(toff[r]), int(toff[r + 1])
             hidden = {layer: torch.from_numpy(h.get_slice(f"hidden_{layer}")[ta:tb].astype(np.float32))
                       for layer in self.hidden_layers}
-        return SparseLabels(ids, lp, tail, hidden)
+        actual = None
+        if self.manifest.cross_tokenizer:
+            actual = torch.from_numpy(h.get_slice("target_logprob")[a:b].astype(np.float32))
+        return SparseLabels(ids, lp, tail, hidden, actual)

@@ -119,7 +119,8 @@ class CacheWriter:
 
     def finish(self, *, teacher: TeacherInfo, tokenizer: dict[str, str] | TokenizerInfo, data: DataInfo,
                examples: list[ExampleInfo], k: int, temperature: float, max_length: int, vocab_size: int,
-               hidden_layers: list[int], teacher_layers: int, teacher_hidden_size: int, tokens: int) -> Manifest:
+               hidden_layers: list[int], teacher_layers: int, teacher_hidden_size: int, tokens: int,
+               cross_tokenizer: bool = False) -> Manifest:
         """Write ``manifest.json`` over the shards written or reused, in index order; the derived fields
         (dtypes, counts, bytes per target token) are computed here, from the format."""
         shards = [self._shards[i] for i in sorted(self._shards)]
@@ -137,7 +138,7 @@ class CacheWriter:
             counts=Counts(examples=len(examples), targets=targets, tokens=tokens),
             bytes_per_target_token=BytesPerTarget(format=bytes_per_target(k, vocab_size),
                                                   on_disk=round(label_bytes / targets, 2) if label_bytes else None),
-            shards=shards,
+            shards=shards, cross_tokenizer=True if cross_tokenizer else None,
         )
         write_manifest(self.folder, manifest)
         for i in self._shards:
@@ -157,4 +158,6 @@ def manifest_json(manifest: Manifest) -> dict[str, Any]:
     for key in ("precision", "served_model", "tokenizer"):
         if out["teacher"].get(key) is None:
             del out["teacher"][key]
+    if out.get("cross_tokenizer") is None:
+        out.pop("cross_tokenizer", None)
     return out

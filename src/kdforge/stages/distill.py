@@ -63,6 +63,16 @@ class DistributedSettings(StageConfig):
                                       "weights too (an accelerate DeepSpeed config's zero_stage wins)")
 
 
+class CrossTokenizerSettings(StageConfig):
+    """A student whose tokenizer is not the teacher's (docs/cross-tokenizer.md): spans, not tokens, are compared."""
+
+    loss: Literal["hybrid", "uld"] = Field(
+        "hybrid", description="hybrid: `loss` on the tokens both vocabularies spell alike plus ULD on the rest "
+        "(GOLD); uld: ULD alone (sorted-probability Wasserstein-1, no vocabulary correspondence)")
+    uld_weight: float = Field(1.0, ge=0, description="hybrid: weight of ULD on the unshared tokens")
+    uld_top_k: int = Field(64, gt=0, description="ranks ULD compares one by one (the rest as one bin)")
+
+
 class DistillConfig(StageConfig):
     """`kdforge distill`: train the student on teacher answers, from a live teacher or a soft-label cache."""
 
@@ -92,6 +102,9 @@ class DistillConfig(StageConfig):
     attention_loss: Literal["none", "kl", "mse"] = "none"
     attention_weight: ScheduleLike = 1.0
     layer_map: dict[int, int] | None = Field(None, description="student layer -> teacher layer")
+    cross_tokenizer: CrossTokenizerSettings = Field(
+        default_factory=CrossTokenizerSettings, description="used when the student's tokenizer is not the "
+        "teacher's (found automatically)")
     preset: Literal["two_stage"] | None = None
     chunk_size: int | None = Field(256, gt=0, description="target positions per projection/loss/backward chunk")
     # optimisation
@@ -238,6 +251,8 @@ class _Training:
     par: Any                       # kdforge.distill.parallel.Parallel: this rank's place in the run
     root: Any                      # the student as trained (TargetHidden, maybe DDP/FSDP2-wrapped)
     micro_per_step: int            # micro-batches per optimizer step over all ranks (accumulation x world)
+    pairs: list | None = None      # the teacher's encoding and spans of each conversation (another tokenizer)
+    teacher_pad_id: int | None = None
 
 
 def run(cfg: DistillConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
@@ -318,7 +333,7 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
     torch.manual_seed(cfg.seed)
     cache = SoftLabelCache(cfg.labels) if cfg.labels else None  # checks every shard before any model loads
     student, tok = load_model(cfg.student, device, dtype="float32", trust_remote_code=cfg.trust_remote_code)
-    teacher, vocab, row_of = _teacher_signal(cfg, cache, student, tok, device, par)
+    teacher, vocab, row_of, cross = _teacher_signal(cfg, cache, student, tok, device, par)
     if cfg.attention_loss != "none":
         student.set_attn_implementation("eager")
 
@@ -338,6 +353,14 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
     val_data, val_kept = (encode_dataset(tok, select_split(convs, "validation", cfg.val_limit), cfg.max_length)
                           if cfg.eval_every else ([], []))
     val_rows = rows_for(val_kept) if val_data else None
+    pairs = val_pairs = None
+    if cross is not None:
+        from kdforge.distill.cross_teacher import encode_pairs
+
+        pairs = encode_pairs(cross.toks, data, kept, cfg.max_length)
+        val_pairs = encode_pairs(cross.toks, val_data, val_kept, cfg.max_length)
+        if distributed.is_main():
+            print(f"[kdforge] cross-tokenizer distillation ({cfg.cross_tokenizer.loss}): {coverage(pairs)}", flush=True)
     device = next(student.parameters()).device
     # A served teacher has no layers to align to (alignment is refused with it): no map.
     layer_map = resolve_layer_map(cfg.layer_map, cfg.student, student, teacher.num_layers) if teacher.num_layers else {}
@@ -366,7 +389,7 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
     if par.strategy == "deepspeed":
         root = par.deepspeed_engine(root, opt, micro_per_step // par.world, cfg.batch_size, cfg.max_grad_norm,
                                     use_bf16)
-    distiller = Distiller(cfg.objective(), teacher, module, vocab, layer_map, projection, autocast, par, root)
+    distiller = Distiller(cfg.objective(), teacher, module, vocab, layer_map, projection, autocast, par, root, cross)
     sampler = MicroBatchSampler([len(e.input_ids) for e in data], [c.category for c in kept], cfg.batch_size,
                                 cfg.seed, cfg.category_weights)
 
@@ -410,29 +433,53 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
         print(f"[kdforge] {par.strategy} over {par.world} processes: global batch "
               f"{micro_per_step * cfg.batch_size} = batch_size {cfg.batch_size} x grad_accum "
               f"{micro_per_step // par.world} x world {par.world}", flush=True)
+    t_pad = cross.toks.teacher.pad_token_id if cross is not None else None
     val_batches = [make_batch(val_data[i:i + cfg.batch_size], val_rows[i:i + cfg.batch_size] if val_rows else None,
-                              tok.pad_token_id) for i in range(0, len(val_data), cfg.batch_size)]
+                              tok.pad_token_id, val_pairs[i:i + cfg.batch_size] if val_pairs else None, t_pad)
+                   for i in range(0, len(val_data), cfg.batch_size)]
     return _Training(cfg, out, tok, module, all_params, projection, opt, sched, distiller,
                      sampler.stream(skip=consumed), data, rows, val_batches, layer_map,
                      sampler.batches_per_epoch() / micro_per_step, start_step, consumed, log_path,
-                     par, root, micro_per_step)
+                     par, root, micro_per_step, pairs, t_pad)
+
+
+def coverage(pairs: list) -> str:
+    """How much of the student's targets the spans cover (what the soft loss sees), for the log."""
+    s_targets = sum(p.s_targets for p in pairs)
+    aligned = sum(sp.s1 - sp.s0 for p in pairs for sp in p.spans)
+    spans = sum(len(p.spans) for p in pairs)
+    return (f"{spans} spans cover {aligned} of {s_targets} student target tokens "
+            f"({100 * aligned / max(s_targets, 1):.1f}%), {sum(p.t_targets for p in pairs)} teacher tokens")
 
 
 def _teacher_signal(cfg: DistillConfig, cache, student, tok, device, par):
-    """(teacher signal source, shared vocabulary size, cache row of each conversation id or None)."""
+    """(teacher signal source, the student's vocabulary size in the loss, cache row of each conversation id or
+    None, a CrossSetup when the tokenizers differ or None)."""
     from kdforge.data.batching import shared_vocab_size
     from kdforge.data.formats import data_file
+    from kdforge.distill.cross_teacher import CrossTeacher
     from kdforge.distill.teacher_source import CachedTeacher, LiveTeacher
     from kdforge.distill.trainer import check_same_tokenizer
     from kdforge.models.loading import load_model
+    from kdforge.softlabels.format import tokenizer_fingerprint
 
     if cache is not None:
         # Offline distillation: the teacher is never loaded; its labels must match this data and tokenizer.
-        cache.check_compatible(tok, file_sha256(data_file(cfg.data)), cfg.data)
         if cache.manifest.max_length != cfg.max_length:
             raise ConfigError(f"the cache was labelled with max_length {cache.manifest.max_length}; "
                               f"set distill.max_length to the same (now {cfg.max_length})")
-        return CachedTeacher(cache), shared_vocab_size(tok, student), cache.rows()
+        t_tok = cache.teacher_tokenizer() if cache.manifest.cross_tokenizer else None
+        if t_tok is not None and not same_vocabulary(t_tok, tok):
+            # A student with another tokenizer: the cache holds the teacher's own tokens, its tokenizer beside them.
+            cache.check_compatible(t_tok, file_sha256(data_file(cfg.data)), cfg.data)
+            cross = _cross_setup(cfg, t_tok, tok, cache.manifest.vocab_size)
+            return CrossTeacher(CachedTeacher(cache), cross.toks), shared_vocab_size(tok, student), cache.rows(), cross
+        if t_tok is None and cache.manifest.tokenizer.vocab_sha256 != tokenizer_fingerprint(tok)["vocab_sha256"]:
+            raise ConfigError(f"the soft-label cache {cfg.labels} was labelled for the teacher's own tokenizer and "
+                              "the student tokenizes differently: label again with `--set cross_tokenizer=true` "
+                              "(the cache then keeps what cross-tokenizer training needs), or train with --teacher")
+        cache.check_compatible(tok, file_sha256(data_file(cfg.data)), cfg.data)
+        return CachedTeacher(cache), shared_vocab_size(tok, student), cache.rows(), None
     if is_url(cfg.teacher):
         # A teacher behind a server: the top-k signal of each micro-batch through /v1/completions (every rank
         # asks for its own micro-batches); nothing of it is loaded here, nothing to shard.
@@ -443,7 +490,7 @@ def _teacher_signal(cfg: DistillConfig, cache, student, tok, device, par):
                                 **cfg.teacher_server.served_options())
         check_same_tokenizer(lm.tokenizer, tok)
         vocab = shared_vocab_size(tok, student)
-        return ServedTeacher(lm, cfg.teacher_top_k, vocab), vocab, None
+        return ServedTeacher(lm, cfg.teacher_top_k, vocab), vocab, None, None
     placement = cfg.teacher_placement
     # A mapped or quantised teacher stays where its map put it (each rank maps its own copy over its GPUs).
     placed = placement.device_map is not None or placement.precision in QUANTIZED
@@ -452,13 +499,61 @@ def _teacher_signal(cfg: DistillConfig, cache, student, tok, device, par):
                           "other: a sharded teacher is split by FSDP2, a mapped one by its device map")
     where = placement.load_kwargs(str(device) if placement.device == "auto" else None)
     teacher_model, teacher_tok = load_model(cfg.teacher, trust_remote_code=cfg.trust_remote_code, **where)
-    check_same_tokenizer(teacher_tok, tok)
-    vocab = shared_vocab_size(tok, teacher_model, student)
     if cfg.attention_loss != "none":
         # Attention probabilities are only materialised by the eager implementation.
         teacher_model.set_attn_implementation("eager")
     shard = not placed and (cfg.distributed.teacher == "shard" or (cfg.distributed.teacher == "auto" and par.shards))
-    return LiveTeacher(teacher_model, vocab, wrap=lambda m: par.wrap_teacher(m, shard)), vocab, None
+    wrap = lambda m: par.wrap_teacher(m, shard)  # noqa: E731
+    kept = trimmed_from(cfg.student, teacher_tok, tok)
+    if kept is not None:
+        # A student whose vocabulary was trimmed from this teacher's: the same tokens under new ids.
+        return (LiveTeacher(teacher_model, shared_vocab_size(teacher_tok, teacher_model), wrap=wrap, kept_ids=kept),
+                shared_vocab_size(tok, student), None, None)
+    if not same_vocabulary(teacher_tok, tok):
+        # Another tokenizer: the teacher reads its own encoding of each conversation; spans line the two up.
+        t_vocab = shared_vocab_size(teacher_tok, teacher_model)
+        cross = _cross_setup(cfg, teacher_tok, tok, t_vocab)
+        live = LiveTeacher(teacher_model, t_vocab, wrap=wrap)
+        return CrossTeacher(live, cross.toks), shared_vocab_size(tok, student), None, cross
+    vocab = shared_vocab_size(tok, teacher_model, student)
+    return LiveTeacher(teacher_model, vocab, wrap=wrap), vocab, None, None
+
+
+def _cross_setup(cfg: DistillConfig, teacher_tok, student_tok, t_vocab: int):
+    """Both tokenizers' byte tables and shared ids, and the span objective (docs/cross-tokenizer.md)."""
+    from kdforge.distill.cross_losses import CrossObjective
+    from kdforge.distill.cross_teacher import CrossSetup, Tokenizers
+    from kdforge.models.token_bytes import TokenBytesError
+
+    if cfg.hidden_loss != "none" or cfg.attention_loss != "none" or cfg.preset == "two_stage":
+        raise ConfigError("hidden-state and attention alignment compare positions one to one, and a student with "
+                          "another tokenizer has other positions: set hidden_loss and attention_loss to none")
+    try:
+        toks = Tokenizers.of(teacher_tok, student_tok)
+    except TokenBytesError as e:
+        raise ConfigError(f"cross-tokenizer distillation: {e}") from None
+    x = cfg.cross_tokenizer
+    return CrossSetup(toks, t_vocab, CrossObjective(x.loss, cfg.loss, cfg.jsd_beta, cfg.skew, x.uld_weight,
+                                                    x.uld_top_k))
+
+
+def trimmed_from(student_path: str, teacher_tok, student_tok):
+    """The kept teacher ids (K,) of a student trimmed from this teacher's vocabulary (its folder's vocabulary map
+    names them, and their strings are the student's tokens), else None."""
+    import torch
+
+    from kdforge.models.vocab_trim import read_vocab_map
+
+    kept = read_vocab_map(student_path) if Path(student_path).is_dir() else None
+    if kept is None or len(kept) != len(student_tok) or max(kept, default=0) >= len(teacher_tok):
+        return None
+    if teacher_tok.convert_ids_to_tokens(kept) != student_tok.convert_ids_to_tokens(list(range(len(kept)))):
+        return None  # trimmed from another teacher: the general cross-tokenizer path applies
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def same_vocabulary(teacher_tok, student_tok) -> bool:
+    return teacher_tok.get_vocab() == student_tok.get_vocab()
 
 
 def _loop(t: _Training) -> int:
@@ -484,7 +579,8 @@ def _loop(t: _Training) -> int:
         for _ in range(t.micro_per_step):
             _epoch, idx = next(t.stream)
             micro.append(make_batch([t.data[i] for i in idx], [t.rows[i] for i in idx] if t.rows else None,
-                                    t.tok.pad_token_id))
+                                    t.tok.pad_token_id, [t.pairs[i] for i in idx] if t.pairs else None,
+                                    t.teacher_pad_id))
         t.consumed += t.micro_per_step
         r = t.distiller.step(par.mine(micro), progress, step_totals(micro))
         grad_norm = par.step(t.root, t.opt, t.params, cfg.max_grad_norm)

@@ -72,6 +72,9 @@ class LabelConfig(StageConfig, TeacherPlacement, ServedTeacher):
     batch_size: int = Field(8, gt=0, description="conversations per teacher forward pass")
     shard_size: int = Field(256, gt=0, description="conversations per shard (the unit of resume and of the "
                             "work shared between processes)")
+    cross_tokenizer: bool = Field(False, description="also keep what a student with another tokenizer needs: "
+                                  "the teacher's own target tokens, their log-probs and the teacher's tokenizer "
+                                  "(docs/cross-tokenizer.md; +6 bytes per target token)")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
@@ -81,6 +84,10 @@ class LabelConfig(StageConfig, TeacherPlacement, ServedTeacher):
                 raise ValueError("tokenizer applies to a served teacher (http(s)://...); a local teacher "
                                  "brings its own")
             return self
+        if self.cross_tokenizer:
+            raise ValueError("cross_tokenizer: labelling a served teacher for a student with another tokenizer is not "
+                             "supported yet (it needs the teacher's log-prob of each written token); label with the "
+                             "teacher loaded locally")
         if self.hidden_layers:
             raise ValueError(f"hidden_layers: a served teacher ({self.teacher}) returns log-probabilities only, "
                              "never hidden states; label with the teacher loaded locally to keep them")
@@ -224,6 +231,13 @@ def _finish(cfg: LabelConfig, writer: CacheWriter, shards: dict[int, ShardInfo],
     for index, info in shards.items():
         writer.adopt(index, info)
     data = data_file(cfg.data)
+    if cfg.cross_tokenizer:
+        # Offline cross-tokenizer training encodes the data as the teacher did: its tokenizer travels with the cache.
+        from kdforge.artifacts import atomic_dir
+        from kdforge.softlabels.manifest import TEACHER_TOKENIZER
+
+        with atomic_dir(Path(cfg.out) / TEACHER_TOKENIZER, overwrite=True) as tmp:
+            tok.save_pretrained(tmp)
     if is_url(cfg.teacher):
         # The weights are the server's: the manifest names the server, the model it reports and the local
         # tokenizer (whose hashes are the manifest's tokenizer section); layers and width from its config.json.
@@ -242,7 +256,7 @@ def _finish(cfg: LabelConfig, writer: CacheWriter, shards: dict[int, ShardInfo],
         examples=[ExampleInfo(id=c.id, split=c.split or "train") for c in convs],
         k=cfg.top_k, temperature=cfg.temperature, max_length=cfg.max_length, vocab_size=vocab,
         hidden_layers=cfg.hidden_layers, teacher_layers=shape[0], teacher_hidden_size=shape[1],
-        tokens=sum(len(e.input_ids) for e in encoded))
+        tokens=sum(len(e.input_ids) for e in encoded), cross_tokenizer=cfg.cross_tokenizer)
     metrics = {"examples": len(encoded), "targets": manifest.counts.targets, "shards": len(manifest.shards),
                "reused_examples": stats["reused"],
                "label_tokens_per_s": round(stats["targets"] / stats["seconds"], 1) if stats["seconds"] else None,
@@ -291,6 +305,8 @@ def _label_examples(teacher, tok, examples, cfg: LabelConfig, vocab: int, bar) -
         logp = F.log_softmax(logits.float() / cfg.temperature, dim=-1).cpu()  # (N, V)
         counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()  # targets per row
         enc = encode_topk(logp, cfg.top_k, vocab)
+        if cfg.cross_tokenizer:
+            enc |= own_tokens(logp, batch["labels"], vocab)
         start = 0
         for row, i in enumerate(idx):
             ex = {k: v[start:start + counts[row]] for k, v in enc.items()}
@@ -310,6 +326,19 @@ def _label_examples(teacher, tok, examples, cfg: LabelConfig, vocab: int, bar) -
     if cfg.hidden_layers:
         arrays["token_offsets"] = np.asarray(n_tokens, dtype=np.int64)
     return arrays
+
+
+def own_tokens(logp, labels, vocab: int) -> dict:
+    """A cross-tokenizer cache's extra arrays: each target token as written and its log-prob (N,), from the
+    (N, V) log-probs and the batch's (B, T) labels (the target rows are the labels of positions 1..)."""
+
+    from kdforge.data.chat import IGNORE_INDEX
+    from kdforge.softlabels.format import id_dtype
+
+    lab = labels[:, 1:]
+    ids = lab[lab != IGNORE_INDEX].cpu()  # (N,) in the rows' order
+    return {"target_ids": ids.numpy().astype(id_dtype(vocab)),
+            "target_logprob": logp.gather(1, ids[:, None])[:, 0].float().numpy()}
 
 
 def _served_shape(tokenizer: str) -> tuple[int, int]:

@@ -1,0 +1,265 @@
+"""Cross-tokenizer distillation: byte alignment into spans, ULD, the hybrid loss, live and cached teachers.
+
+Two small tokenizers trained in the test run (tests/tokenizer_kit.py): a byte-level BPE (SmolLM2/Qwen2 style,
+ChatML turns) for the teacher and a SentencePiece-style BPE with byte fallback (Gemma style, its own turn
+markers) for the student.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdforge.config import ConfigError
+from kdforge.data.chat import encode_conversation
+from kdforge.distill.cross_losses import (
+    TeacherFirst,
+    dense_teacher,
+    hybrid,
+    span_student,
+    span_top1,
+    uld,
+)
+from kdforge.distill.cross_teacher import Tokenizers, target_ids
+from kdforge.distill.cross_tokenizer import SENTINEL, SharedVocab, Span, align, spelled
+from kdforge.distill.losses import DIVERGENCES, divergence
+from tests.conftest import make_tiny, write_conversations
+from tests.tokenizer_kit import byte_level_bpe, sentencepiece_bpe
+
+EMPTY = torch.zeros(0, dtype=torch.long)
+
+
+@pytest.fixture(scope="module")
+def toks():
+    return byte_level_bpe(), sentencepiece_bpe()
+
+
+def test_align_chinese_character_split_differently():
+    # " 北京" = 20 | e5 8c 97 | e4 ba ac: the student splits 北 inside its bytes, the teacher after the space.
+    student = [b" \xe5\x8c", b"\x97", b"\xe4\xba\xac"]
+    teacher = [b" ", b"\xe5\x8c\x97", b"\xe4\xba\xac"]
+    assert align(student, teacher) == [Span(0, 2, 0, 2), Span(2, 3, 2, 3)]
+    # Identical tokenisations: one span per token.
+    assert align(teacher, teacher) == [Span(i, i + 1, i, i + 1) for i in range(3)]
+
+
+def test_align_end_of_turn_and_unmatched_bytes():
+    # Both turns end with a control token (SENTINEL); the student's template adds "x" in front: unaligned.
+    student = [b"x", b"ab", b"c", SENTINEL]
+    teacher = [b"a", b"bc", SENTINEL]
+    assert align(student, teacher) == [Span(1, 3, 0, 2), Span(3, 4, 2, 3)]
+    # A side truncated early: only spans both sides hold.
+    assert align([b"ab", b"cd"], [b"a", b"b", b"c"]) == [Span(0, 1, 0, 2)]
+
+
+def test_align_real_tokenizers(toks):
+    """Each span spells the same bytes on both sides, spans are contiguous and cover the whole answer,
+    and the Chinese text is cut differently by the two tokenizers."""
+    teacher, student = toks
+    x = Tokenizers.of(teacher, student)
+    answer = "The capital of France is Paris. 北京是中国的首都。"
+    msgs = [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": answer}]
+    s = spelled(x.s_table, target_ids(encode_conversation(student, msgs)))
+    t = spelled(x.t_table, target_ids(encode_conversation(teacher, msgs)))
+    assert b"".join(s) == b"".join(t) == answer.encode() + SENTINEL
+    spans = align(s, t)
+    assert spans[0].s0 == 0 and spans[0].t0 == 0 and spans[-1].s1 == len(s) and spans[-1].t1 == len(t)
+    for a, b in zip(spans, spans[1:]):
+        assert (a.s1, a.t1) == (b.s0, b.t0)
+    for sp in spans:
+        assert b"".join(s[sp.s0:sp.s1]) == b"".join(t[sp.t0:sp.t1])
+    assert any((sp.s1 - sp.s0) != (sp.t1 - sp.t0) for sp in spans)  # the tokenisations really differ
+    # Some teacher token ends inside a Chinese character's UTF-8 bytes (byte-level BPE does that).
+    assert any(p and p[-1] >= 0x80 and p != SENTINEL and not _utf8_complete(p) for p in t)
+
+
+def _utf8_complete(piece: bytes) -> bool:
+    try:
+        piece.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _spans_of(m: int, v: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, v, generator=g), torch.randn(m, v, generator=g)
+
+
+def test_uld_identical_is_zero_and_grows_with_difference():
+    s, t = _spans_of(6, 40)
+    lp = F.log_softmax(s, -1)
+    cont = torch.tensor([0.0, -0.5, -1.0, 0.0, -2.0, -0.1])
+    same = uld(lp, cont, TeacherFirst(lp, None, torch.zeros(6), cont), top_k=8)
+    assert same.abs().max() == 0
+    other = uld(lp, cont, TeacherFirst(F.log_softmax(t, -1), None, torch.zeros(6), cont), top_k=8)
+    assert (other > 0).all()
+    # With k covering the vocabulary, ULD is the plain L1 between the sorted vectors.
+    full = uld(lp, torch.zeros(6), TeacherFirst(F.log_softmax(t, -1), None, torch.zeros(6), torch.zeros(6)), 40)
+    ref = (lp.exp().sort(-1, descending=True).values - F.log_softmax(t, -1).exp().sort(-1, descending=True).values)
+    torch.testing.assert_close(full, ref.abs().sum(-1))
+    # ULD only sees sorted values: a permuted vocabulary is the same distribution to it.
+    perm = uld(lp, torch.zeros(6), TeacherFirst(lp[:, torch.randperm(40)], None, torch.zeros(6), torch.zeros(6)), 8)
+    assert perm.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_hybrid_with_identical_tokenizers_is_the_same_tokenizer_divergence(kind):
+    """The limit test: every token shared, every span one token -> exactly the ordinary divergence, values and
+    gradients (bitwise)."""
+    s, t = _spans_of(9, 64)
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    ref = divergence(s1, t, kind, temperature=2.0, beta=0.3, skew=0.2)
+    m = torch.arange(9)
+    teacher = dense_teacher(t, torch.zeros(9, dtype=torch.long), m, EMPTY, EMPTY, 2.0)
+    first, cont = span_student(F.log_softmax(s2 / 2.0, -1), torch.zeros(9, dtype=torch.long), m, EMPTY, EMPTY, 9)
+    vocab = SharedVocab(torch.arange(64), torch.zeros(64, dtype=torch.bool))
+    got = hybrid(first, cont, teacher, vocab, kind, beta=0.3, skew=0.2)
+    assert torch.equal(got, ref)
+    ref.sum().backward()
+    got.sum().backward()
+    torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_hybrid_unshared_tokens_use_uld_and_spans_continue():
+    """Half the vocabulary unshared: the loss is finite, positive, has a gradient; a two-token span uses the
+    second token's probability (changing it changes the loss)."""
+    s, t = _spans_of(2, 20, seed=3)
+    t2s = torch.where(torch.arange(20) < 10, torch.arange(20), torch.tensor(-1))
+    s_unmapped = torch.arange(20) >= 10
+    vocab = SharedVocab(t2s, s_unmapped)
+    s = s.requires_grad_()
+    lp = F.log_softmax(s, -1)
+    actual = torch.tensor([3, 5])
+    # Span 0 = row 0 alone; span 1 = rows 1 (first) ... but row 1 is also span 0's continuation here.
+    first, cont = span_student(lp, actual, torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), 1)
+    assert torch.allclose(cont, lp[1, 5:6])
+    teacher = dense_teacher(t, actual, torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), 1.0)
+    loss = hybrid(first, cont, teacher, vocab)
+    assert torch.isfinite(loss).all() and (loss > 0).all()
+    loss.sum().backward()
+    assert s.grad.abs().sum() > 0 and s.grad[1].abs().sum() > 0  # the continuation row gets a gradient
+
+
+def test_span_top1_prefix_agreement():
+    s_table = [b" Par", b"is", b" Lon", None]
+    t_table = [b" Paris", b" London", None]
+    s_first = torch.log_softmax(torch.tensor([[5.0, 0, 0, 0], [0, 0, 5.0, 0], [0, 0, 0, 5.0]]), -1)
+    teacher = TeacherFirst(torch.log_softmax(torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [0, 0, 5.0]]), -1), None,
+                           torch.zeros(3), torch.zeros(3))
+    assert span_top1(s_first, teacher, s_table, t_table).tolist() == [True, False, True]
+
+
+def _tiny_pair(tmp_path, toks):
+    teacher_tok, student_tok = toks
+    paths = {}
+    for name, tok, seed in (("teacher", teacher_tok, 0), ("student", student_tok, 1)):
+        make_tiny("llama", len(tok), seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        paths[name] = str(tmp_path / name)
+    turns = [("Where is Paris?", "The capital of France is Paris. 北京是中国的首都。"),
+             ("Add", "def add(a, b):\n    return a + b\n"),
+             ("Boil?", "Water boils at 100 degrees Celsius at sea level."),
+             ("Hi", "Hello! How can I help you today? I'm happy to explain."),
+             ("Math", "2 + 2 = 4, 12 * 3 = 36, and 100 / 4 = 25."),
+             ("KD", "Knowledge distillation trains a small student to imitate a large teacher.")]
+    paths["data"] = str(write_conversations(tmp_path / "data.jsonl", turns))
+    return paths
+
+
+def _distill(paths, out, **kw):
+    from kdforge.stages.distill import DistillConfig, run
+
+    cfg = dict(student=paths["student"], data=paths["data"], out=str(out), max_steps=3, batch_size=2,
+               warmup_steps=0, log_every=1, lr=1e-3, split="all", seed=0) | kw
+    run(DistillConfig(**cfg))
+    return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_cached_and_live_cross_tokenizer_training_agree(tmp_path, toks):
+    """The same steps from a cross-tokenizer cache (top-k = the whole teacher vocabulary) and from the live
+    teacher: the same losses up to the cache's 8-bit log-prob codes, and the manifest says it is cross."""
+    from kdforge.stages.label import LabelConfig
+    from kdforge.stages.label import run as label
+
+    paths = _tiny_pair(tmp_path, toks)
+    live = _distill(paths, tmp_path / "live", teacher=paths["teacher"], loss="jsd", temperature=1.0)
+    label(LabelConfig(teacher=paths["teacher"], data=paths["data"], out=str(tmp_path / "labels"),
+                      top_k=len(toks[0]), cross_tokenizer=True))
+    manifest = json.loads((tmp_path / "labels" / "manifest.json").read_text())
+    assert manifest["cross_tokenizer"] is True
+    assert (tmp_path / "labels" / "teacher_tokenizer" / "tokenizer.json").is_file()
+    cached = _distill(paths, tmp_path / "cached", labels=str(tmp_path / "labels"), loss="jsd", temperature=1.0)
+    for a, b in zip(live, cached):
+        assert a["ce"] == pytest.approx(b["ce"], rel=1e-4)
+        assert a["soft"] == pytest.approx(b["soft"], rel=2e-3, abs=1e-4)
+        assert a["soft"] > 0
+    # At another temperature the cache's top-k are re-tempered: still close with k = V.
+    live_t = _distill(paths, tmp_path / "live_t", teacher=paths["teacher"], temperature=2.0, max_steps=1)
+    cached_t = _distill(paths, tmp_path / "cached_t", labels=str(tmp_path / "labels"), temperature=2.0, max_steps=1)
+    assert live_t[0]["soft"] == pytest.approx(cached_t[0]["soft"], rel=5e-3)
+
+
+def test_uld_objective_trains_and_validation_reports_spans(tmp_path, toks):
+    paths = _tiny_pair(tmp_path, toks)
+    rows = _distill(paths, tmp_path / "uld", teacher=paths["teacher"], cross_tokenizer={"loss": "uld"},
+                    split="all", eval_every=3, val_limit=4)
+    assert all(r["soft"] > 0 for r in rows if "soft" in r)
+
+
+def test_same_tokenizer_cache_is_refused_for_a_student_with_another_tokenizer(tmp_path, toks):
+    from kdforge.stages.label import LabelConfig
+    from kdforge.stages.label import run as label
+
+    paths = _tiny_pair(tmp_path, toks)
+    label(LabelConfig(teacher=paths["teacher"], data=paths["data"], out=str(tmp_path / "labels"), top_k=8))
+    assert "cross_tokenizer" not in json.loads((tmp_path / "labels" / "manifest.json").read_text())
+    with pytest.raises(ConfigError, match="cross_tokenizer=true"):
+        _distill(paths, tmp_path / "x", labels=str(tmp_path / "labels"))
+
+
+def test_alignment_losses_are_refused_across_tokenizers(tmp_path, toks):
+    paths = _tiny_pair(tmp_path, toks)
+    with pytest.raises(ConfigError, match="hidden_loss and attention_loss"):
+        _distill(paths, tmp_path / "x", teacher=paths["teacher"], hidden_loss="cosine")
+
+
+def test_trainer_cross_path_with_one_tokenizer_equals_the_same_tokenizer_path(tokenizer):
+    """The whole trainer step (chunking at span boundaries, CE, T², normalisation) through the cross-tokenizer
+    path with teacher tokenizer = student tokenizer gives the same-tokenizer step's losses and gradients."""
+    from kdforge.data.formats import Conversation
+    from kdforge.distill.cross_losses import CrossObjective
+    from kdforge.distill.cross_teacher import CrossSetup, CrossTeacher, encode_pairs
+    from kdforge.distill.schedules import Progress
+    from kdforge.distill.teacher_source import LiveTeacher
+    from kdforge.distill.trainer import Distiller, Objective, make_batch
+
+    convs = [Conversation(id=f"c{i}", messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+             for i, (q, a) in enumerate([("Hi", "Hello there, how are you today?"),
+                                         ("Sum", "2 + 2 = 4 and 3 + 5 = 8."), ("Zh", "北京是中国的首都。")])]
+    encs = [encode_conversation(tokenizer, c.messages, 64) for c in convs]
+    teacher = make_tiny("llama", len(tokenizer), seed=0)
+    results = []
+    for cross in (False, True):
+        student = make_tiny("llama", len(tokenizer), seed=1).train()
+        obj = Objective(loss="forward_kl", chunk_size=5, pack_length=None)
+        live = LiveTeacher(teacher, len(tokenizer))
+        setup = None
+        pairs = None
+        if cross:
+            setup = CrossSetup(Tokenizers.of(tokenizer, tokenizer), len(tokenizer), CrossObjective())
+            live = CrossTeacher(live, setup.toks)
+            pairs = encode_pairs(setup.toks, encs, convs, 64)
+            assert all(len(p.spans) == p.s_targets for p in pairs)
+        d = Distiller(obj, live, student, len(tokenizer), {}, None, cross=setup)
+        batch = make_batch(encs, None, tokenizer.pad_token_id, pairs, tokenizer.pad_token_id)
+        r = d.step([batch], Progress(0, 10, 1.0))
+        results.append((r, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    for k in ("loss", "ce", "soft"):
+        assert a[k] == pytest.approx(b[k], rel=1e-6), (k, a, b)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7)
