@@ -4,6 +4,9 @@ Methods: ``layers`` (uniform subset, first and last kept), ``depth`` (the layers
 block influence on calibration data), ``width`` (FFN neurons, attention heads/KV groups and hidden
 channels by activation importance; optionally fewer layers by block influence), ``fresh`` (a
 smaller config of the same architecture, its weights sliced from the teacher or random).
+``trim_vocab`` then keeps only the tokens some data, the chat template and the tokenizer's special and
+byte tokens use (kdforge.models.vocab_trim): the embedding and head lose the other rows, the tokenizer
+their tokens and merges, and ``kdforge_vocab_map.json`` maps student ids to teacher ids.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class StudentConfig(StageConfig):
     calibration: str = Field("bundled", description="prompts or conversations to measure importance on")
     calibration_samples: int = Field(64, gt=0)
     calibration_max_length: int = Field(256, gt=8)
+    trim_vocab: str | None = Field(None, description="keep only the tokens this data uses (a `kdforge generate` "
+                                   "folder, conversations JSONL or 'bundled'), plus the chat template's, special "
+                                   "and byte tokens: the embedding and head shrink to them")
     seed: int = 0
     trust_remote_code: bool = False
 
@@ -51,12 +57,20 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
     from kdforge.models.loading import count_parameters, load_model
     from kdforge.models.pruning import build_width_student, measure_importance, plan_width, top_sorted
     from kdforge.models.student import build_layer_student, check_layers, random_student, uniform_layers
+    from kdforge.models.vocab_trim import VocabTrimError, check_trimmable
 
     check_writable(cfg.out)  # before the teacher loads: a read-only --out fails in a second
     t0 = time.time()
     teacher, tok = load_model(cfg.teacher, device="cpu", dtype="float32", trust_remote_code=cfg.trust_remote_code)
     tc = teacher.config
     n_teacher = tc.num_hidden_layers
+    trim_data = None
+    if cfg.trim_vocab:  # a tokenizer that cannot be trimmed, or unreadable data, fails before any heavy work
+        try:
+            check_trimmable(tok)
+        except VocabTrimError as e:
+            raise ConfigError(f"student: {e}") from None
+        trim_data = _trim_data(cfg.trim_vocab)
     imp = None
     if cfg.method in ("depth", "width"):
         imp = measure_importance(teacher, calibration_batches(tok, cfg.calibration, cfg.calibration_samples,
@@ -89,24 +103,67 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
                 student = build_width_student(teacher, plan)
     except ValueError as e:
         raise ConfigError(f"student: {e}") from None
+    trim_metrics, kept_ids = {}, None
+    if trim_data is not None:
+        tok, kept_ids, trim_metrics = _trim(student, tok, trim_data[0])
     metrics = {"teacher_layers": n_teacher, "student_layers": student.config.num_hidden_layers,
                "teacher_params": count_parameters(teacher), "student_params": count_parameters(student),
                "hidden_size": student.config.hidden_size, "intermediate_size": student.config.intermediate_size,
                "num_attention_heads": student.config.num_attention_heads,
-               "num_key_value_heads": student.config.num_key_value_heads}
+               "num_key_value_heads": student.config.num_key_value_heads, **trim_metrics}
     with atomic_dir(cfg.out, overwrite=overwrite) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         write_config(tmp, dump(cfg))
-        write_meta(tmp, "student", {"teacher": cfg.teacher}, metrics, time.time() - t0, extra={
+        files, extra = None, {}
+        if kept_ids is not None:
+            from kdforge.models.vocab_trim import VOCAB_MAP_NAME, write_vocab_map
+
+            write_vocab_map(tmp, kept_ids, tc.vocab_size)
+            files = {"vocab_map": VOCAB_MAP_NAME}  # distill finds the map through this declaration
+            extra = {"trim_vocab": trim_data[1]}  # the data's path and sha256
+        write_meta(tmp, "student", {"teacher": cfg.teacher}, metrics, time.time() - t0, files=files, extra={
             "method": cfg.method, "kept_teacher_layers": keep,
             # student layer i <-> teacher layer layer_map[i]: the default map for alignment losses
             "layer_map": {str(i): t for i, t in enumerate(keep)},
-            "importance": imp.summary() if imp is not None else None,
+            "importance": imp.summary() if imp is not None else None, **extra,
         })
     return metrics
 
 
+def _trim_data(spec: str) -> tuple[list, dict[str, Any]]:
+    """The conversations whose tokens a trimmed student keeps, and how meta.json records them."""
+    from kdforge.artifacts import parent_entry
+    from kdforge.data.formats import data_file, load_training_data
+    from kdforge.data.prompts import BUNDLED, bundled_prompts_path, load_prompt_set
+
+    if spec == BUNDLED:
+        return load_prompt_set(spec), parent_entry(bundled_prompts_path())
+    return load_training_data(spec), parent_entry(data_file(spec))
+
+
+def _trim(student, tok, conversations: list):
+    """Trim ``student`` in place to the tokens of ``conversations``: (trimmed tokenizer, kept teacher ids,
+    metrics). The config's bos/eos/pad ids are kept too: generation stops on them."""
+    from kdforge.models.vocab_trim import (
+        embedding_parameters,
+        model_token_ids,
+        trim_model,
+        trim_tokenizer,
+        used_token_ids,
+    )
+
+    before = (student.config.vocab_size, embedding_parameters(student))
+    try:
+        new_tok, kept = trim_tokenizer(tok, used_token_ids(tok, conversations) | model_token_ids(student))
+        trim_model(student, kept)
+    except ValueError as e:  # VocabTrimError, or a conversation the chat template cannot render
+        raise ConfigError(f"student: {e}") from None
+    return new_tok, kept, {"vocab_size_before": before[0], "vocab_size_after": len(kept),
+                           "embedding_params_before": before[1],
+                           "embedding_params_after": embedding_parameters(student)}
+
+
 STAGES = (Stage("student", "build a student from the teacher", StudentConfig, run, positional="teacher",
                 flags=("out", "num_layers", "layers", "method", "hidden_size", "intermediate_size",
-                       "num_attention_heads", "num_key_value_heads", "init")),)
+                       "num_attention_heads", "num_key_value_heads", "init", "trim_vocab")),)
