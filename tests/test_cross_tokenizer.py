@@ -263,3 +263,28 @@ def test_trainer_cross_path_with_one_tokenizer_equals_the_same_tokenizer_path(to
         assert a[k] == pytest.approx(b[k], rel=1e-6), (k, a, b)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7)
+
+
+def test_trimmed_student_distils_on_the_kept_ids_exactly(tokenizer, tmp_path):
+    """A student trimmed from the teacher (all layers, same weights) has the teacher's logits on the kept ids, so
+    with the ids mapped exactly its first-step KL is 0; with the map removed it would take the cross-tokenizer
+    path, whose rest bin holds the teacher's mass on dropped ids (not 0)."""
+    from kdforge.cli import main
+
+    teacher = tmp_path / "teacher"
+    make_tiny("llama", len(tokenizer), seed=0).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    data = write_conversations(tmp_path / "data.jsonl", [("Hi", "Hello there, how are you today?"),
+                                                         ("Sum", "2 + 2 = 4 and 3 + 5 = 8."),
+                                                         ("Zh", "北京是中国的首都。"), ("Fr", "Paris is in France.")])
+    paths = {"student": str(tmp_path / "s"), "data": str(data), "teacher": str(teacher)}
+    assert main(["student", str(teacher), "--out", paths["student"], "--num-layers", "2", "--trim-vocab",
+                 str(data)]) == 0
+    rows = _distill(paths, tmp_path / "mapped", teacher=str(teacher), max_steps=1, lr=1e-9)
+    assert rows[0]["soft"] == 0.0
+    (tmp_path / "s" / "kdforge_vocab_map.json").unlink()
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    meta.get("files", {}).pop("vocab_map", None)
+    (tmp_path / "s" / "meta.json").write_text(json.dumps(meta))
+    rows = _distill(paths, tmp_path / "cross", teacher=str(teacher), max_steps=1, lr=1e-9)
+    assert rows[0]["soft"] > 0
