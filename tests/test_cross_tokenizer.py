@@ -282,6 +282,9 @@ def test_trimmed_student_distils_on_the_kept_ids_exactly(tokenizer, tmp_path):
                  str(data)]) == 0
     rows = _distill(paths, tmp_path / "mapped", teacher=str(teacher), max_steps=1, lr=1e-9)
     assert rows[0]["soft"] == 0.0
+    # The distilled folder is trimmed from the same teacher: its id map travels with it.
+    assert (tmp_path / "mapped" / "kdforge_vocab_map.json").read_bytes() == \
+        (tmp_path / "s" / "kdforge_vocab_map.json").read_bytes()
     (tmp_path / "s" / "kdforge_vocab_map.json").unlink()
     meta = json.loads((tmp_path / "s" / "meta.json").read_text())
     meta.get("files", {}).pop("vocab_map", None)

@@ -667,7 +667,7 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
         first = {n for n, _ in final.named_parameters()}
         state = {k: v for k, v in state.items()
                  if k in first or k not in {n for n, _ in final.named_parameters(remove_duplicate=False)}}
-    _save_final(t.out, final, t.tok, state)
+    _save_final(t.out, final, t.tok, state, carry=_vocab_map_of(cfg.student))
     wall = time.time() - t0
     last = _read_log(t.log_path)
     metrics = {"steps": cfg.max_steps, "target_tokens_this_run": total_targets, "train_examples": len(t.data),
@@ -680,12 +680,23 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
     return metrics
 
 
-def _save_final(out: Path, model, tok, state: dict | None = None) -> None:
+def _save_final(out: Path, model, tok, state: dict | None = None, carry: Path | None = None) -> None:
     """Write the HF folder into ``out`` (beside checkpoints/ and the log), each file atomically.
-    ``state``: the full state dict to write instead of the model's own (FSDP2's parameters are shards)."""
+    ``state``: the full state dict to write instead of the model's own (FSDP2's parameters are shards).
+    ``carry``: a file of the student's folder that travels with the model (a trimmed vocabulary's id map)."""
     with atomic_files(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
         tok.save_pretrained(tmp)
+        if carry is not None:
+            shutil.copyfile(carry, tmp / carry.name)
+
+
+def _vocab_map_of(student: str) -> Path | None:
+    """A trimmed student's id map, so that the distilled folder is trimmed from the same teacher too."""
+    from kdforge.models.vocab_trim import VOCAB_MAP_NAME
+
+    path = Path(student) / VOCAB_MAP_NAME
+    return path if path.is_file() else None
 
 
 def _tensorboard(out: Path):
