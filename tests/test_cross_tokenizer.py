@@ -291,3 +291,30 @@ def test_trimmed_student_distils_on_the_kept_ids_exactly(tokenizer, tmp_path):
     (tmp_path / "s" / "meta.json").write_text(json.dumps(meta))
     rows = _distill(paths, tmp_path / "cross", teacher=str(teacher), max_steps=1, lr=1e-9)
     assert rows[0]["soft"] > 0
+
+
+def test_served_teacher_with_another_tokenizer_trains_as_from_the_cache(tmp_path, toks):
+    """`kdforge distill --teacher URL` for a student with another tokenizer: the server scores its own encoding
+    (top-k and each written token's log-prob), the spans line it up: the losses of the same teacher's
+    cross-tokenizer top-k cache (up to the cache's quantisation)."""
+    from kdforge.serve.launch import load_engine
+    from kdforge.stages.label import LabelConfig
+    from kdforge.stages.label import run as label
+
+    from .test_serve import _stop
+    from .test_served_teacher import _serve
+
+    paths = _tiny_pair(tmp_path, toks)
+    label(LabelConfig(teacher=paths["teacher"], data=paths["data"], out=str(tmp_path / "labels"), top_k=16,
+                      cross_tokenizer=True, device="cpu"))
+    cached = _distill(paths, tmp_path / "cached", labels=str(tmp_path / "labels"), device="cpu")
+    eng = load_engine(paths["teacher"], max_batch=4)
+    url, server, _ = _serve(eng)
+    try:
+        served = _distill(paths, tmp_path / "served", teacher=url, teacher_server={"tokenizer": paths["teacher"]},
+                          teacher_top_k=16, device="cpu")
+    finally:
+        _stop(server)
+        eng.shutdown()
+    assert [r["soft"] for r in served] == pytest.approx([r["soft"] for r in cached], rel=2e-3)
+    assert [r["ce"] for r in served] == pytest.approx([r["ce"] for r in cached], rel=1e-4)

@@ -33,14 +33,16 @@ def tail_logmass(top_lp: torch.Tensor) -> torch.Tensor:
 class ServedTeacher:
     """A served model (a `ServedRuntime`) as the trainer's teacher source: ``source(batch, request)``."""
 
-    def __init__(self, runtime, k: int, vocab: int, num_layers: int = 0, hidden_size: int = 0):
+    def __init__(self, runtime, k: int, vocab: int, num_layers: int = 0, hidden_size: int = 0, own: bool = False):
         """``k``: token log-probabilities per position (at most the server's --max-logprobs); ``vocab``: the
         shared tokenizer length (ids past it are refused); ``num_layers``/``hidden_size``: what the trainer
-        reads of a teacher's shape (from the tokenizer folder's config.json; no layer can be mapped)."""
+        reads of a teacher's shape (from the tokenizer folder's config.json; no layer can be mapped); ``own``:
+        also the log-probs of the targets as written (a student with another tokenizer needs them)."""
         if k < 2:
             raise UserError(f"a served teacher's signal needs k >= 2 log-probabilities per position, not {k}")
         self.runtime, self.k, self.vocab = runtime, k, vocab
         self.num_layers, self.hidden_size = num_layers, hidden_size
+        self.own = own
 
     def __call__(self, batch: dict[str, torch.Tensor], req: TeacherRequest) -> TeacherOutput:
         if req.layers or req.hidden or req.attention:
@@ -50,10 +52,12 @@ class ServedTeacher:
         if not req.logits:
             return TeacherOutput(None)
         device = batch["input_ids"].device
-        values, ids = self.runtime.topk_logprobs(batch["input_ids"].cpu(), batch["attention_mask"].cpu(),
-                                                 batch["labels"].cpu(), self.vocab, self.k)  # (N, k), (N, k)
+        got = self.runtime.topk_logprobs(batch["input_ids"].cpu(), batch["attention_mask"].cpu(),
+                                         batch["labels"].cpu(), self.vocab, self.k, own=self.own)
+        values, ids = got[0], got[1]  # (N, k), (N, k)
+        actual = got[2].to(device) if self.own else None  # (N,)
         if ids.numel() and int(ids.max()) >= self.vocab:
             raise UserError(f"the served teacher returned token id {int(ids.max())}, past the tokenizer's "
                             f"{self.vocab} tokens: the tokenizer does not go with the served model")
         return TeacherOutput(SparseSignal(ids.to(device), values.to(device), tail_logmass(values).to(device),
-                                          CAPTURE_TEMPERATURE))
+                                          CAPTURE_TEMPERATURE), actual_logp=actual)

@@ -104,6 +104,7 @@ class PromptTopK:
 
     logprobs: torch.Tensor  # (L-1, k) fp32, descending
     ids: torch.Tensor  # (L-1, k) long
+    own: torch.Tensor | None = None  # (L-1,) fp32: the log-prob of the prompt's own next token (listed first)
 
 
 def parse_prompt_logprobs(entries: list, k: int, prompt: list[int] | None = None) -> PromptTopK:
@@ -117,6 +118,7 @@ def parse_prompt_logprobs(entries: list, k: int, prompt: list[int] | None = None
                                f"{len(prompt)}-token prompt")
     values = torch.empty(len(entries) - 1, k, dtype=torch.float32)
     ids = torch.empty(len(entries) - 1, k, dtype=torch.long)
+    own = torch.empty(len(entries) - 1, dtype=torch.float32)
     for i, pos in enumerate(entries[1:]):
         if not isinstance(pos, dict):
             raise ServedModelError(f"prompt_logprobs position {i + 1} is {pos!r}, not a dict of token ids")
@@ -131,7 +133,8 @@ def parse_prompt_logprobs(entries: list, k: int, prompt: list[int] | None = None
                                    f"fewer than the {k} asked for")
         values[i] = torch.tensor([v for v, _, _ in ranked[:k]])
         ids[i] = torch.tensor([t for _, _, t in ranked[:k]])
-    return PromptTopK(values, ids)
+        own[i] = float(next(iter(pos.values()))["logprob"])  # vLLM lists the prompt's token first
+    return PromptTopK(values, ids, own)
 
 
 def answer_ids(choice: dict, tokenizer: Any = None) -> list[int]:
@@ -413,16 +416,20 @@ class ServedRuntime(CausalLM):
         return self._map(one, [list(p) for p in prompts], progress)
 
     def topk_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                      vocab: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      vocab: int, k: int, own: bool = False) -> tuple[torch.Tensor, ...]:
+        """(N, k) log-probs and ids at the target positions; with ``own`` also (N,) the log-probs of the
+        targets as written (what a student with another tokenizer needs: kdforge.distill.cross_losses)."""
         lengths = attention_mask.sum(1).tolist()
         rows = self.prompt_topk([input_ids[b, :n].tolist() for b, n in enumerate(lengths)], k)
         mask = target_positions(labels.cpu())  # (B, T-1)
-        values, ids = [], []
+        values, ids, mine = [], [], []
         for b, got in enumerate(rows):
             keep = mask[b, : lengths[b] - 1]
             values.append(got.logprobs[keep])
             ids.append(got.ids[keep])
-        return torch.cat(values), torch.cat(ids)
+            if own:
+                mine.append(got.own[keep])
+        return (torch.cat(values), torch.cat(ids)) + ((torch.cat(mine),) if own else ())
 
     def target_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                       vocab: int) -> torch.Tensor:

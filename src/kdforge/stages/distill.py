@@ -488,6 +488,12 @@ def _teacher_signal(cfg: DistillConfig, cache, student, tok, device, par):
 
         lm = ServedRuntime.load(cfg.teacher, trust_remote_code=cfg.trust_remote_code,
                                 **cfg.teacher_server.served_options())
+        if not same_vocabulary(lm.tokenizer, tok):
+            # Another tokenizer: the server scores its own encoding of each conversation, the spans line them up.
+            t_vocab = len(lm.tokenizer)
+            cross = _cross_setup(cfg, lm.tokenizer, tok, t_vocab)
+            served = ServedTeacher(lm, cfg.teacher_top_k, t_vocab, own=True)
+            return CrossTeacher(served, cross.toks), shared_vocab_size(tok, student), None, cross
         check_same_tokenizer(lm.tokenizer, tok)
         vocab = shared_vocab_size(tok, student)
         return ServedTeacher(lm, cfg.teacher_top_k, vocab), vocab, None, None
