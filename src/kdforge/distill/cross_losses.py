@@ -106,29 +106,40 @@ def hybrid(s_first: Tensor, s_cont: Tensor, t: TeacherFirst, vocab: SharedVocab,
     """The divergence ``kind`` over [shared tokens..., the rest] plus ``uld_weight`` · ULD of the unshared
     tokens, per span. (M, V_s) student first-token log-probs, (M,) continuation, the teacher. -> (M,)"""
     fn = divergence_fn(kind, beta, skew)
-    m, v_s = s_first.shape
     t2s = vocab.t2s.to(s_first.device)
-    sid = (t2s.expand(m, -1) if t.ids is None else t2s[t.ids])  # (M, K) student id of each teacher entry
-    shared = sid >= 0
-    sid0 = sid.clamp(min=0)
-    t_bins = torch.where(shared, t.logp + t.cont[:, None], _MASKED)                    # (M, K)
-    s_bins = torch.where(shared, s_first.gather(1, sid0) + s_cont[:, None], _MASKED)   # (M, K)
+    q = s_first.exp()                                                                  # (M, V_s)
+    t_p = t.logp.exp()                                                                 # (M, K)
+    if t.ids is None:
+        # A dense teacher: the same shared columns in every row, taken by index (no (M, V_t) index tensors).
+        shared_t = (t2s >= 0).nonzero()[:, 0]                                          # (S,) teacher ids
+        t_bins = t.logp[:, shared_t] + t.cont[:, None]                                 # (M, S)
+        s_bins = s_first[:, t2s[shared_t]] + s_cont[:, None]                           # (M, S)
+        t_unshared = t_p[:, t2s < 0]                                                   # (M, V_t - S)
+        out_s = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
+        out_s[t2s[shared_t]] = False
+        s_out = q[:, out_s].sum(-1)                                                    # (M,)
+    else:
+        sid = t2s[t.ids]                                                               # (M, k) student ids
+        shared = sid >= 0
+        sid0 = sid.clamp(min=0)
+        t_bins = torch.where(shared, t.logp + t.cont[:, None], _MASKED)                # (M, k)
+        s_bins = torch.where(shared, s_first.gather(1, sid0) + s_cont[:, None], _MASKED)
+        t_unshared = torch.where(shared, 0.0, t_p)
+        in_bins = torch.zeros_like(q).scatter_add_(1, sid0, shared.to(q.dtype)) > 0    # (M, V_s)
+        s_out = torch.where(in_bins, 0.0, q).sum(-1)
     # The rest bin on each side: not continuing as written, or starting with a token outside the bins.
     # Summed from the outside entries (never as 1 − Σ inside): exactly 0 when every entry is shared.
-    t_p = t.logp.exp()
-    t_out = torch.where(shared, 0.0, t_p).sum(-1) + t.tail                             # (M,)
+    t_out = t_unshared.sum(-1) + t.tail                                                # (M,)
     t_rest = -torch.expm1(t.cont) + t.cont.exp() * t_out
-    q = s_first.exp()                                                                  # (M, V_s)
-    in_bins = torch.zeros_like(q).scatter_add_(1, sid0, shared.to(q.dtype)) > 0        # (M, V_s)
-    s_rest = -torch.expm1(s_cont) + s_cont.exp() * torch.where(in_bins, 0.0, q).sum(-1)
+    s_rest = -torch.expm1(s_cont) + s_cont.exp() * s_out
     d = fn(s_bins, t_bins) + fn(s_rest.clamp(min=_FLOOR).log()[:, None], t_rest.clamp(min=_FLOOR).log()[:, None])
     if uld_weight == 0:
         return d
     # Unshared mass on each side, compared by rank (ULD): teacher entries without a student counterpart
     # (and the cached tail), student ids no teacher id maps to.
     t_scale, s_scale = t.cont.exp(), s_cont.exp()
-    p_u = torch.where(shared, 0.0, t_p) * t_scale[:, None]
-    q_u = torch.where(vocab.s_unmapped.to(q.device), q, 0.0) * s_scale[:, None]
+    p_u = t_unshared * t_scale[:, None]
+    q_u = q[:, vocab.s_unmapped.to(q.device)] * s_scale[:, None]
     return d + uld_weight * _sorted_l1(p_u, q_u, t_scale * t_out, q_u.sum(-1), top_k)
 
 
