@@ -97,7 +97,15 @@ def test_gemma_loads_with_its_vocabulary_and_continues_sensibly():
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert len(tok) == 262144 and model.config.vocab_size == 262144
     assert model.config.model_type == "gemma3_text" and encoding_kind(tok) == "sentencepiece"
-    assert tok.chat_template is None  # a base model: its GGUF carries no chat template
+    # A base model: its GGUF carries no chat template; the conversion gives it Gemma 3's turn format.
+    from kdforge.data.chat import encode_conversation
+
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    assert tok.apply_chat_template(msgs, tokenize=False) == \
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+    enc = encode_conversation(tok, msgs)
+    assert [i for i, lab in zip(enc.input_ids, enc.labels) if lab != -100] == tok("Hello!<end_of_turn>",
+                                                                                 add_special_tokens=False)["input_ids"]
     text = "Gemma's tokenizer: 中文, émoji 🤖, code\n\tx  = 1"
     ids = tok(text, add_special_tokens=False).input_ids
     assert tok.decode(ids) == text and tok.unk_token_id not in ids

