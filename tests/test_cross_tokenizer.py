@@ -318,3 +318,28 @@ def test_served_teacher_with_another_tokenizer_trains_as_from_the_cache(tmp_path
         eng.shutdown()
     assert [r["soft"] for r in served] == pytest.approx([r["soft"] for r in cached], rel=2e-3)
     assert [r["ce"] for r in served] == pytest.approx([r["ce"] for r in cached], rel=1e-4)
+
+
+def test_student_with_a_trained_tokenizer_distils_across_tokenizers(tmp_path, toks):
+    """`kdforge student --train-tokenizer N`: a smaller tokenizer of the teacher's kind, embeddings from the
+    teacher's rows; the folder loads and distils from the teacher through the cross-tokenizer path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdforge.cli import main
+
+    paths = _tiny_pair(tmp_path, toks)
+    out = tmp_path / "transplanted"
+    assert main(["student", paths["teacher"], "--out", str(out), "--num-layers", "2", "--train-tokenizer", "300",
+                 "--tokenizer-data", paths["data"]]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(tok) <= 300 and model.get_input_embeddings().weight.shape[0] == len(tok)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["metrics"]["vocab_size_after"] == len(tok) and meta["tokenizer"]["transplant"]["exact"] > 0
+    rows = _distill({**paths, "student": str(out)}, tmp_path / "d", teacher=paths["teacher"], max_steps=2)
+    assert all(r["soft"] > 0 for r in rows)
+    # One vocabulary change at a time, and a trained tokenizer needs its data: clear errors, nothing written.
+    assert main(["student", paths["teacher"], "--out", str(tmp_path / "x"), "--train-tokenizer", "300"]) == 2
+    assert main(["student", paths["teacher"], "--out", str(tmp_path / "x"), "--trim-vocab", paths["data"],
+                 "--tokenizer", paths["student"]]) == 2
+    assert not (tmp_path / "x").exists()

@@ -6,7 +6,10 @@ channels by activation importance; optionally fewer layers by block influence), 
 smaller config of the same architecture, its weights sliced from the teacher or random).
 ``trim_vocab`` then keeps only the tokens some data, the chat template and the tokenizer's special and
 byte tokens use (kdforge.models.vocab_trim): the embedding and head lose the other rows, the tokenizer
-their tokens and merges, and ``kdforge_vocab_map.json`` maps student ids to teacher ids.
+their tokens and merges, and ``kdforge_vocab_map.json`` maps student ids to teacher ids. Or ``tokenizer``
+(a folder) / ``train_tokenizer`` (a size, trained on ``tokenizer_data``) give the student another tokenizer,
+its embedding rows built from the teacher's for each new token's text (kdforge.models.transplant); such a
+student is distilled with the cross-tokenizer losses (docs/cross-tokenizer.md).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kdforge.artifacts import atomic_dir, check_writable, write_config, write_meta
 from kdforge.config import ConfigError, StageConfig, dump
@@ -43,8 +46,23 @@ class StudentConfig(StageConfig):
     trim_vocab: str | None = Field(None, description="keep only the tokens this data uses (a `kdforge generate` "
                                    "folder, conversations JSONL or 'bundled'), plus the chat template's, special "
                                    "and byte tokens: the embedding and head shrink to them")
+    tokenizer: str | None = Field(None, description="give the student this tokenizer (a folder) instead of the "
+                                  "teacher's: its embeddings start from the teacher's rows for each token's text")
+    train_tokenizer: int | None = Field(None, gt=0, description="give the student a new tokenizer of at most this "
+                                        "many tokens, trained (same kind as the teacher's) on tokenizer_data")
+    tokenizer_data: str | None = Field(None, description="train_tokenizer: the conversations to train it on (a "
+                                       "generate folder or JSONL)")
     seed: int = 0
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_vocabulary_change(self) -> StudentConfig:
+        changes = [n for n in ("trim_vocab", "tokenizer", "train_tokenizer") if getattr(self, n) is not None]
+        if len(changes) > 1:
+            raise ValueError(f"{' and '.join(changes)}: choose one way to change the student's vocabulary")
+        if self.train_tokenizer is not None and self.tokenizer_data is None:
+            raise ValueError("train_tokenizer needs tokenizer_data: the conversations to train the tokenizer on")
+        return self
 
 
 DEFAULT_LAYERS = 8
@@ -71,6 +89,7 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
         except VocabTrimError as e:
             raise ConfigError(f"student: {e}") from None
         trim_data = _trim_data(cfg.trim_vocab)
+    new_tok = _new_tokenizer(cfg, tok)  # checked and trained before pruning: a bad tokenizer fails early
     imp = None
     if cfg.method in ("depth", "width"):
         imp = measure_importance(teacher, calibration_batches(tok, cfg.calibration, cfg.calibration_samples,
@@ -103,9 +122,11 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
                 student = build_width_student(teacher, plan)
     except ValueError as e:
         raise ConfigError(f"student: {e}") from None
-    trim_metrics, kept_ids = {}, None
+    trim_metrics, kept_ids, transplanted = {}, None, None
     if trim_data is not None:
         tok, kept_ids, trim_metrics = _trim(student, tok, trim_data[0])
+    elif new_tok is not None:
+        tok, trim_metrics, transplanted = _transplant(student, tok, new_tok)
     metrics = {"teacher_layers": n_teacher, "student_layers": student.config.num_hidden_layers,
                "teacher_params": count_parameters(teacher), "student_params": count_parameters(student),
                "hidden_size": student.config.hidden_size, "intermediate_size": student.config.intermediate_size,
@@ -122,6 +143,9 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
             write_vocab_map(tmp, kept_ids, tc.vocab_size)
             files = {"vocab_map": VOCAB_MAP_NAME}  # distill finds the map through this declaration
             extra = {"trim_vocab": trim_data[1]}  # the data's path and sha256
+        if transplanted is not None:
+            extra = {"tokenizer": {"source": cfg.tokenizer or f"trained on {cfg.tokenizer_data}",
+                                   "transplant": transplanted}}
         write_meta(tmp, "student", {"teacher": cfg.teacher}, metrics, time.time() - t0, files=files, extra={
             "method": cfg.method, "kept_teacher_layers": keep,
             # student layer i <-> teacher layer layer_map[i]: the default map for alignment losses
@@ -129,6 +153,44 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
             "importance": imp.summary() if imp is not None else None, **extra,
         })
     return metrics
+
+
+def _new_tokenizer(cfg: StudentConfig, teacher_tok):
+    """The tokenizer a transplant gives the student (``tokenizer`` or ``train_tokenizer``), else None."""
+    from kdforge.models.transplant import TransplantError, conversation_texts, train_tokenizer
+
+    if cfg.tokenizer is not None:
+        from kdforge.models.loading import load_tokenizer
+
+        tok = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+        if not tok.chat_template:
+            raise ConfigError(f"student: the tokenizer {cfg.tokenizer} has no chat template; the student must read "
+                              "conversations: add one to its tokenizer_config.json (chat_template)")
+        return tok
+    if cfg.train_tokenizer is None:
+        return None
+    from kdforge.data.formats import load_training_data
+
+    try:
+        texts = conversation_texts(teacher_tok, load_training_data(cfg.tokenizer_data))
+        return train_tokenizer(teacher_tok, texts, cfg.train_tokenizer)
+    except (TransplantError, ValueError) as e:
+        raise ConfigError(f"student: train_tokenizer: {e}") from None
+
+
+def _transplant(student, tok, new_tok):
+    """Give ``student`` the tokenizer ``new_tok`` in place: (new_tok, metrics, transplant counts)."""
+    from kdforge.models.transplant import TransplantError, transplant_vocabulary
+    from kdforge.models.vocab_trim import embedding_parameters
+
+    before = (student.config.vocab_size, embedding_parameters(student))
+    try:
+        stats = transplant_vocabulary(student, tok, new_tok)
+    except TransplantError as e:
+        raise ConfigError(f"student: {e}") from None
+    return new_tok, {"vocab_size_before": before[0], "vocab_size_after": len(new_tok),
+                     "embedding_params_before": before[1],
+                     "embedding_params_after": embedding_parameters(student)}, stats
 
 
 def _trim_data(spec: str) -> tuple[list, dict[str, Any]]:
@@ -166,4 +228,5 @@ def _trim(student, tok, conversations: list):
 
 STAGES = (Stage("student", "build a student from the teacher", StudentConfig, run, positional="teacher",
                 flags=("out", "num_layers", "layers", "method", "hidden_size", "intermediate_size",
-                       "num_attention_heads", "num_key_value_heads", "init", "trim_vocab")),)
+                       "num_attention_heads", "num_key_value_heads", "init", "trim_vocab", "tokenizer",
+                       "train_tokenizer", "tokenizer_data")),)
