@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+from kdforge.models.token_bytes import byte_level_alphabet
+
 REPLACEMENT = "\ufffd"
 
 
@@ -54,20 +56,6 @@ class IncrementalDetokenizer:
         return after[len(before):].rstrip(REPLACEMENT) if len(after) > len(before) else ""
 
 
-def _byte_level_inverse() -> dict[str, int]:
-    """GPT-2's byte-level alphabet (``bytes_to_unicode``) inverted: vocabulary character -> byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -83,7 +71,7 @@ class TokenPieces:
         self.tokenizer = tokenizer
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
         self._byte_level = type(decoder).__name__ == "ByteLevel" or "ByteLevel" in repr(decoder)
-        self._inverse = _byte_level_inverse() if self._byte_level else {}
+        self._inverse = byte_level_alphabet() if self._byte_level else {}
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
     def __call__(self, token_id: int) -> tuple[str, list[int]]:
