@@ -109,6 +109,17 @@ def _lm_eval(report: dict[str, Any]) -> str:
     return table(["model", "task", "lm-eval metric", "lm-eval", "kdforge scorer", "identical answers", "items"], rows)
 
 
+def measured_table(report: dict[str, Any]) -> str:
+    """Per model: its tokenizer against the teacher's, what its agreement figures are over, bits per byte."""
+    rows = []
+    for m in report["models"]:
+        rows.append([m["name"], m.get("tokenizer", "same"), m.get("measured_on", "tokens"),
+                     cell(m.get("answer_tokens")), cell(m.get("bits_per_byte"), "{:.4f}"), cell(m.get("spans")),
+                     cell(m.get("coverage"), "{:.3f}"), cell(m.get("retokenized"))])
+    return table(["model", "tokenizer", "KL and top-1 over", "answer tokens (own)", "bits per byte", "aligned spans",
+                  "tokens in spans", "conversations retokenized"], rows)
+
+
 def render(report: dict[str, Any], summary: str) -> str:
     """The whole report.md."""
     out = [
@@ -121,6 +132,17 @@ def render(report: dict[str, Any], summary: str) -> str:
         "per answer token at T=1. Top-1: share of answer positions where the model's most likely next token "
         "is the teacher's. Decoding: greedy, batch 1, "
         f"{report['decode_tokens']} new tokens; TTFT includes the prompt's prefill.", "",
+        "## Tokenizers and what was measured", "",
+        measured_table(report), "",
+        "A model with the teacher's tokenizer (`same`) reads the teacher's tokens. A `trimmed` one (its vocabulary "
+        "cut from the teacher's) reads its own ids, the teacher the same tokens; KL and top-1 are over the kept ids, "
+        "the teacher's distribution renormalised over them (conversations retokenized: text the trimmed "
+        "tokenizer spells in shorter tokens, which the teacher then reads too). A model with `other` tokenizer "
+        "reads its own encoding: KL is the forward KL over the shared vocabulary per aligned span at T=1, top-1 "
+        "is span top-1 agreement (the first tokens agree on the text), tokens in spans the share of its answer "
+        "tokens the spans cover. NLL is per the model's own answer token; bits per byte (the same NLL in bits, "
+        "per byte of the answer the tokens spell) compares models across tokenizers. Every model is prompted "
+        "through its own tokenizer and chat template in the tasks, stability and speed sections.", "",
         "## Agreement with the teacher by category", "",
         _agreement_by_category(report), "",
         "Teacher entropy: the teacher's mean entropy per answer token (nats). Where it is low the teacher is "

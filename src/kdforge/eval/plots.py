@@ -3,7 +3,8 @@
 - ``training_<name>.png``: a distill run's ``train_log.jsonl``: every loss term against the step
   (left), validation KL / CE and top-1 agreement against the step (right).
 - ``quality_vs_size.png``: top-1 agreement with the teacher and task score against parameters and
-  against bytes on disk, one labelled point per model.
+  against bytes on disk, one labelled point per model (a trimmed model's label says "[kept ids]", one with
+  another tokenizer "[spans]"; with either, bits per byte too, the one figure on the same scale for all).
 - ``quality_vs_speed.png``: the same qualities against decode tokens/s at batch 1.
 """
 
@@ -97,16 +98,25 @@ def _scatter(ax, xs: list[float], ys: list[float | None], names: list[str], xlab
 
 def _qualities(models: list[dict[str, Any]]) -> list[tuple[str, list[float | None]]]:
     out = [("top-1 agreement with the teacher", [m["top1"] for m in models])]
+    if any(m.get("tokenizer", "same") != "same" for m in models):
+        # Top-1 of another tokenizer is per aligned span: bits per byte is the figure on one scale for all.
+        out.append(("bits per byte of the teacher's answers", [m.get("bits_per_byte") for m in models]))
     if all(m.get("tasks") for m in models):
         out.append(("task score (share of items correct)", [m["tasks"]["overall"] for m in models]))
     return out
+
+
+def _names(models: list[dict[str, Any]]) -> list[str]:
+    """Point labels: a model whose agreement is not measured token for token says over what."""
+    tag = {"trimmed": " [kept ids]", "other": " [spans]"}
+    return [m["name"] + tag.get(m.get("tokenizer", "same"), "") for m in models]
 
 
 def plot_quality_vs_size(models: list[dict[str, Any]], path: Path) -> Path:
     """Rows: qualities; columns: parameters (M) and bytes on disk (MB)."""
     plt = _plt()
     quals = _qualities(models)
-    names = [m["name"] for m in models]
+    names = _names(models)
     fig, axes = plt.subplots(len(quals), 2, figsize=(10, 3.6 * len(quals)), squeeze=False)
     for row, (label, ys) in enumerate(quals):
         _scatter(axes[row][0], [m["params_m"] for m in models], ys, names, "parameters (M)", label)
@@ -122,7 +132,7 @@ def plot_quality_vs_speed(models: list[dict[str, Any]], path: Path) -> Path:
     """Qualities against decode tokens/s at batch 1 (threads as stated in the report)."""
     plt = _plt()
     quals = _qualities(models)
-    names = [m["name"] for m in models]
+    names = _names(models)
     fig, axes = plt.subplots(1, len(quals), figsize=(5.5 * len(quals), 3.8), squeeze=False)
     for col, (label, ys) in enumerate(quals):
         _scatter(axes[0][col], [m["decode_tokens_per_s"] for m in models], ys, names,

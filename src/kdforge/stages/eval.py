@@ -2,10 +2,12 @@
 
 Sections, each computed the same way for every model (definitions in docs/evaluation.md):
 1. agreement with the teacher on held-out conversations, overall and per prompt category, with the
-   teacher's entropy per category (kdforge/scoring.py);
+   teacher's entropy per category (kdforge/scoring.py). A model with the teacher's tokenizer reads the
+   teacher's ids; a trimmed one its own ids (KL over the kept ids); one with another tokenizer its own
+   encoding (KL and top-1 per aligned span); bits per byte for every model (docs/cross-tokenizer.md);
 2. the task set: short answers by normalised exact match, code by running tests in a sandbox
-   (eval/tasks.py, eval/sandbox.py);
-3. stability of sampled answers (eval/stability.py);
+   (eval/tasks.py, eval/sandbox.py), every model prompted through its own tokenizer and chat template;
+3. stability of sampled answers (eval/stability.py), the answers counted in the teacher's tokens;
 4. speed and size, one process per model (eval/speed.py);
 5. optionally lm-evaluation-harness tasks (eval/lmeval.py);
 6. plots (eval/plots.py).
@@ -114,6 +116,60 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "model"
 
 
+def tokenizer_kind(spec: str, teacher_tok, tok) -> str:
+    """How a model's tokenizer relates to the teacher's: "same" (the same vocabulary: it reads the teacher's ids),
+    "trimmed" (its folder's vocabulary map names kept teacher ids and their tokens are its own: the same tokens
+    under new ids, as distill finds it) or "other" (aligned by bytes, docs/cross-tokenizer.md)."""
+    from kdforge.stages.distill import same_vocabulary, trimmed_from
+
+    if same_vocabulary(teacher_tok, tok):
+        return "same"
+    return "trimmed" if trimmed_from(spec, teacher_tok, tok) is not None else "other"
+
+
+def reading(kind: str, spec: str, teacher_tok, m, pairs: list, max_length: int):
+    """The conversations in a model's own encoding, and how they line up with the teacher's (kdforge.scoring)."""
+    from kdforge.data.batching import shared_vocab_size
+    from kdforge.data.chat import encode_conversation
+    from kdforge.distill.cross_teacher import Tokenizers
+    from kdforge.models.token_bytes import TokenBytesError, token_bytes
+    from kdforge.scoring import TrimmedReading, cross_reading
+    from kdforge.stages.distill import trimmed_from
+
+    tok = m.tokenizer
+    shared_vocab_size(tok, m)  # its logits cover its own tokenizer
+    own = [encode_conversation(tok, c.messages, max_length) for c, _ in pairs]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if kind == "trimmed":
+        try:
+            table = token_bytes(tok)
+        except TokenBytesError:
+            table = None  # no bits per byte
+        return TrimmedReading(trimmed_from(spec, teacher_tok, tok), own, pad, table)
+    try:
+        toks = Tokenizers.of(teacher_tok, tok)
+    except TokenBytesError as e:
+        raise ConfigError(f"{spec} has another tokenizer than the teacher's, and its tokens cannot be aligned "
+                          f"with the teacher's by bytes: {e}") from None
+    return cross_reading(toks, [e for _, e in pairs], own, pad)
+
+
+MEASURED_ON = {"same": "tokens", "trimmed": "kept ids", "other": "aligned spans"}
+
+
+def measured(kind: str, q: dict[str, Any]) -> dict[str, Any]:
+    """A report row's account of what its agreement figures were measured on (docs/cross-tokenizer.md)."""
+    out: dict[str, Any] = {"tokenizer": kind, "measured_on": MEASURED_ON[kind], "bits_per_byte": q["bits_per_byte"],
+                           "answer_tokens": q["tokens"]}
+    if kind == "trimmed":
+        out["retokenized"] = q["retokenized"]
+    if kind == "other":
+        out["spans"] = q["spans"]
+        out["aligned_tokens"] = q["aligned_tokens"]
+        out["coverage"] = q["aligned_tokens"] / max(q["tokens"], 1)
+    return out
+
+
 def find_distill_logs(cfg: EvalConfig, names: list[str], specs: list[str]) -> list[tuple[str, Path]]:
     """(title, train_log.jsonl) pairs: the configured ones, else every student folder that has one."""
     if cfg.distill_logs is not None:
@@ -168,12 +224,17 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
     models = [open_model(spec, backend, cfg.device, threads=cfg.threads, trust_remote_code=cfg.trust_remote_code)
               for spec, backend in zip(specs, backends)]
     teacher = models[0]
-    tok = teacher.tokenizer  # every model is scored and prompted through the teacher's tokenizer
-    vocab = shared_vocab_size(tok, *models)
+    tok = teacher.tokenizer  # the reference encoding: the teacher's answers as the teacher reads them
+    kinds = ["same"] + [tokenizer_kind(s, tok, m.tokenizer) for s, m in zip(cfg.students, models[1:])]
+    # Models with the teacher's vocabulary read the teacher's ids (its logits must cover them); the others
+    # read their own encodings (readings below).
+    vocab = shared_vocab_size(tok, *[m for m, k in zip(models, kinds) if k == "same"])
     pairs = [(c, encode_conversation(tok, c.messages, cfg.max_length)) for c in convs if c.has_answer]
     pairs = [(c, e) for c, e in pairs if e.num_targets > 0]
     if not pairs:
         raise ConfigError(f"{cfg.data}: no conversations with answers in split '{cfg.split}'")
+    readings = [None if k == "same" else reading(k, spec, tok, m, pairs, cfg.max_length)
+                for k, spec, m in zip(kinds, specs, models)]
 
     timings: dict[str, float] = {"load": time.time() - t0}
     mark = time.time()
@@ -186,13 +247,15 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
     # 1. agreement, overall and per category
     from kdforge.scoring import agreement_by_category
 
-    print(f"[eval] agreement: {len(pairs)} conversations, {len(models)} models", flush=True)
+    print(f"[eval] agreement: {len(pairs)} conversations, {len(models)} models (tokenizer: "
+          f"{', '.join(f'{n} {k}' for n, k in zip(names, kinds))})", flush=True)
     agree = agreement_by_category(teacher, models, [e for _, e in pairs], [c.category for c, _ in pairs],
-                                  tok.pad_token_id, vocab, cfg.batch_size)
+                                  tok.pad_token_id, vocab, cfg.batch_size, readings=readings, tokenizer=tok)
     rows: list[dict[str, Any]] = []
-    for name, spec, m, q in zip(names, specs, models, agree["models"]):
+    for name, spec, m, q, kind in zip(names, specs, models, agree["models"], kinds):
         rows.append({"name": name, "path": spec, "backend": m.backend, "params_m": m.num_parameters() / 1e6,
-                     "nll": q["nll"], "kl": q["kl"], "top1": q["top1"], "by_category": q["by_category"]})
+                     "nll": q["nll"], "kl": q["kl"], "top1": q["top1"], "by_category": q["by_category"],
+                     **measured(kind, q)})
         m.release_scoring()  # e.g. llama.cpp's (context × vocab) logit buffer: not needed for generation
 
     lap("agreement")
@@ -208,8 +271,8 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
                           "code_items": sum(it.type == "code" for it in items)}
         for row, m in zip(rows, models):
             print(f"[eval] tasks: {row['name']} ({len(items)} items)", flush=True)
-            res = run_tasks(m, tok, items, cfg.task_batch_size, cfg.task_max_new_tokens, cfg.code_max_new_tokens,
-                            cfg.code_timeout_s, cfg.code_memory_mb)
+            res = run_tasks(m, m.tokenizer, items, cfg.task_batch_size, cfg.task_max_new_tokens,
+                            cfg.code_max_new_tokens, cfg.code_timeout_s, cfg.code_memory_mb)
             row["tasks"] = res["summary"]
             task_answers += [{"model": row["name"], **r} for r in res["items"]]
 
@@ -228,9 +291,9 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
                               "max_new_tokens": cfg.stability_max_new_tokens, "seed": cfg.seed}
         for row, m in zip(rows, models):
             print(f"[eval] stability: {row['name']}", flush=True)
-            answers = generate_texts(m, tok, [p["prompt"] for p in prompts], cfg.stability_max_new_tokens,
+            answers = generate_texts(m, m.tokenizer, [p["prompt"] for p in prompts], cfg.stability_max_new_tokens,
                                      cfg.task_batch_size, sampling, cfg.stability_samples)
-            s = stability(answers, tok)
+            s = stability(answers, tok)  # every model's answers in the same units: the teacher's tokens
             row["stability"] = {"divergence": s["divergence"], "distinct": s["distinct"]}
             stab_answers += [{"model": row["name"], "prompt_id": p["id"], "answers": a, "divergence": d}
                              for p, a, d in zip(prompts, answers, s["per_prompt_divergence"])]
@@ -247,8 +310,9 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
             if row["name"] not in chosen:
                 continue
             print(f"[eval] lm_eval: {row['name']} on {', '.join(cfg.lm_eval_tasks)}", flush=True)
-            res = run_lm_eval(m.model, tok, cfg.lm_eval_tasks, items, cfg.task_batch_size, cfg.task_max_new_tokens,
-                              cfg.code_max_new_tokens, cfg.lm_eval_limit, cfg.code_timeout_s, cfg.code_memory_mb)
+            res = run_lm_eval(m.model, m.tokenizer, cfg.lm_eval_tasks, items, cfg.task_batch_size,
+                              cfg.task_max_new_tokens, cfg.code_max_new_tokens, cfg.lm_eval_limit, cfg.code_timeout_s,
+                              cfg.code_memory_mb)
             row["lm_eval"] = {}
             for task, r in res.items():
                 entry: dict[str, Any] = {"metrics": r["metrics"]}
@@ -327,7 +391,8 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
                                                              for a in answers))
                 written[role] = FILES[role]
         write_meta(tmp, "eval", {"data": cfg.data, **{f"model{i}": s for i, s in enumerate(cfg.students)}},
-                   {r["name"]: {k: r[k] for k in ("nll", "kl", "top1")} for r in rows}, time.time() - t0,
+                   {r["name"]: {k: r[k] for k in ("nll", "kl", "top1", "bits_per_byte", "tokenizer")} for r in rows},
+                   time.time() - t0,
                    files=written)
     print(table, flush=True)
     if cfg.tasks:
