@@ -285,3 +285,21 @@ def read_vocab_map(folder: str | Path) -> list[int] | None:
     if not ok:
         raise VocabTrimError(f"{path}: not a format-1 vocabulary map with increasing teacher ids; rebuild the student")
     return kept
+
+
+def trimmed_from(student_path: str, teacher_tok, student_tok):
+    """The kept teacher ids (K,) of a student trimmed from this teacher's vocabulary (its folder's vocabulary map
+    names them, and their strings are the student's tokens), else None."""
+    import torch
+
+    kept = read_vocab_map(student_path) if Path(student_path).is_dir() else None
+    if kept is None or len(kept) != len(student_tok) or max(kept, default=0) >= len(teacher_tok):
+        return None
+    if teacher_tok.convert_ids_to_tokens(kept) != student_tok.convert_ids_to_tokens(list(range(len(kept)))):
+        return None  # trimmed from another teacher: the general cross-tokenizer path applies
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def same_vocabulary(teacher_tok, student_tok) -> bool:
+    """Whether two tokenizers have the same vocabulary (token -> id)."""
+    return teacher_tok.get_vocab() == student_tok.get_vocab()

@@ -461,6 +461,7 @@ def _teacher_signal(cfg: DistillConfig, cache, student, tok, device, par):
     from kdforge.distill.teacher_source import CachedTeacher, LiveTeacher
     from kdforge.distill.trainer import check_same_tokenizer
     from kdforge.models.loading import load_model
+    from kdforge.models.vocab_trim import same_vocabulary, trimmed_from
     from kdforge.softlabels.format import tokenizer_fingerprint
 
     if cache is not None:
@@ -541,25 +542,6 @@ def _cross_setup(cfg: DistillConfig, teacher_tok, student_tok, t_vocab: int):
     x = cfg.cross_tokenizer
     return CrossSetup(toks, t_vocab, CrossObjective(x.loss, cfg.loss, cfg.jsd_beta, cfg.skew, x.uld_weight,
                                                     x.uld_top_k))
-
-
-def trimmed_from(student_path: str, teacher_tok, student_tok):
-    """The kept teacher ids (K,) of a student trimmed from this teacher's vocabulary (its folder's vocabulary map
-    names them, and their strings are the student's tokens), else None."""
-    import torch
-
-    from kdforge.models.vocab_trim import read_vocab_map
-
-    kept = read_vocab_map(student_path) if Path(student_path).is_dir() else None
-    if kept is None or len(kept) != len(student_tok) or max(kept, default=0) >= len(teacher_tok):
-        return None
-    if teacher_tok.convert_ids_to_tokens(kept) != student_tok.convert_ids_to_tokens(list(range(len(kept)))):
-        return None  # trimmed from another teacher: the general cross-tokenizer path applies
-    return torch.tensor(kept, dtype=torch.long)
-
-
-def same_vocabulary(teacher_tok, student_tok) -> bool:
-    return teacher_tok.get_vocab() == student_tok.get_vocab()
 
 
 def _loop(t: _Training) -> int:

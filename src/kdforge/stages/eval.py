@@ -120,7 +120,7 @@ def tokenizer_kind(spec: str, teacher_tok, tok) -> str:
     """How a model's tokenizer relates to the teacher's: "same" (the same vocabulary: it reads the teacher's ids),
     "trimmed" (its folder's vocabulary map names kept teacher ids and their tokens are its own: the same tokens
     under new ids, as distill finds it) or "other" (aligned by bytes, docs/cross-tokenizer.md)."""
-    from kdforge.stages.distill import same_vocabulary, trimmed_from
+    from kdforge.models.vocab_trim import same_vocabulary, trimmed_from
 
     if same_vocabulary(teacher_tok, tok):
         return "same"
@@ -133,8 +133,8 @@ def reading(kind: str, spec: str, teacher_tok, m, pairs: list, max_length: int):
     from kdforge.data.chat import encode_conversation
     from kdforge.distill.cross_teacher import Tokenizers
     from kdforge.models.token_bytes import TokenBytesError, token_bytes
+    from kdforge.models.vocab_trim import trimmed_from
     from kdforge.scoring import TrimmedReading, cross_reading
-    from kdforge.stages.distill import trimmed_from
 
     tok = m.tokenizer
     shared_vocab_size(tok, m)  # its logits cover its own tokenizer
