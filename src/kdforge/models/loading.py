@@ -57,8 +57,8 @@ def resolve_model(spec: str) -> ModelSource:
             )
         return ModelSource(path)
     raise ModelLoadError(
-        f"model '{spec}' not found: expected a local HF folder, a .gguf file, or "
-        f"{EMBEDDED_PREFIX}smollm2-135m-instruct (kdforge never downloads from a hub)"
+        f"model '{spec}' not found: expected a local HF folder, a .gguf file, or one of "
+        f"{', '.join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)} (kdforge never downloads from a hub)"
     )
 
 
