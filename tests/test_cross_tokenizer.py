@@ -343,3 +343,60 @@ def test_student_with_a_trained_tokenizer_distils_across_tokenizers(tmp_path, to
     assert main(["student", paths["teacher"], "--out", str(tmp_path / "x"), "--trim-vocab", paths["data"],
                  "--tokenizer", paths["student"]]) == 2
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_an_absent_topk_slot_is_no_bin(kind):
+    """A cached top-k slot whose token a trimmed student lacks (id ABSENT) counts as if it were not there: the
+    same values and gradients as the rows with that slot removed (the other bins renormalise)."""
+    from kdforge.distill.losses import ABSENT, ABSENT_LOGP, sparse_divergence
+
+    g = torch.Generator().manual_seed(5)
+    n, v, k = 6, 50, 5
+    logits = torch.randn(n, v, generator=g)
+    t = F.log_softmax(torch.randn(n, v, generator=g) * 2, -1)
+    lp, ids = t.topk(k, -1)
+    tail = torch.log1p(-lp.exp().sum(-1))
+    drop = torch.arange(n) % k  # a different slot in every row
+    keep = torch.ones(n, k, dtype=torch.bool)
+    keep[torch.arange(n), drop] = False
+    s1, s2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = sparse_divergence(s1, torch.where(keep, ids, ABSENT), torch.where(keep, lp, ABSENT_LOGP), tail, kind, 2.0)
+    ref = sparse_divergence(s2, ids[keep].view(n, k - 1), lp[keep].view(n, k - 1), tail, kind, 2.0)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    got.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_trimmed_student_trains_from_the_teachers_own_label_cache(tokenizer, tmp_path):
+    """A same-tokenizer cache serves a student trimmed from its teacher: ids mapped, slots the student lacks left
+    out; an all-layer trimmed copy of the teacher starts at (nearly: the cache's 8-bit codes) zero KL."""
+    from kdforge.cli import main
+    from kdforge.stages.label import LabelConfig
+    from kdforge.stages.label import run as label
+
+    teacher = tmp_path / "teacher"
+    make_tiny("llama", len(tokenizer), seed=0).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    data = write_conversations(tmp_path / "data.jsonl", [("Hi", "Hello there, how are you today?"),
+                                                         ("Sum", "2 + 2 = 4 and 3 + 5 = 8."),
+                                                         ("Zh", "北京是中国的首都。"), ("Fr", "Paris is in France.")])
+    label(LabelConfig(teacher=str(teacher), data=str(data), out=str(tmp_path / "labels"), top_k=64))
+    paths = {"student": str(tmp_path / "s"), "data": str(data)}
+    assert main(["student", str(teacher), "--out", paths["student"], "--num-layers", "2", "--trim-vocab",
+                 str(data)]) == 0
+    cached = _distill(paths, tmp_path / "cached", labels=str(tmp_path / "labels"), max_steps=2, lr=1e-9,
+                      temperature=1.0)
+    assert 0 <= cached[0]["soft"] < 1e-3, cached[0]
+    live = _distill({**paths, "teacher": str(teacher)}, tmp_path / "live", teacher=str(teacher), max_steps=2,
+                    lr=1e-9, seed=0)
+    assert live[0]["ce"] == pytest.approx(cached[0]["ce"], rel=1e-6)
+    # A student trimmed from another teacher's vocabulary is not taken for this cache's.
+    other = tmp_path / "other"
+    assert main(["student", str(teacher), "--out", str(other), "--num-layers", "2", "--trim-vocab", str(data)]) == 0
+    vm = json.loads((other / "kdforge_vocab_map.json").read_text())
+    vm["teacher_vocab_sha256"] = "0" * 64
+    (other / "kdforge_vocab_map.json").write_text(json.dumps(vm))
+    with pytest.raises(ConfigError, match="cross_tokenizer=true"):
+        _distill({**paths, "student": str(other)}, tmp_path / "x", labels=str(tmp_path / "labels"))

@@ -50,13 +50,35 @@ class SparseSignal:
         return self.ids.shape[0]
 
     def top1(self) -> Tensor:
-        return self.ids[:, 0]
+        """The most likely token the student has (ABSENT where none of the top-k is)."""
+        present = self.ids >= 0
+        if bool(present.all()):
+            return self.ids[:, 0]
+        return self.ids.gather(1, present.int().argmax(1, keepdim=True))[:, 0]
 
     def rows(self, sl: slice) -> SparseSignal:
         return SparseSignal(self.ids[sl], self.logprobs[sl], self.tail_logmass[sl], self.capture_temperature)
 
 
 TeacherSignal = Tensor | SparseSignal
+
+# A top-k slot whose token the student does not have (a trimmed vocabulary: kdforge.models.vocab_trim): its id
+# is ABSENT and its log-prob ABSENT_LOGP (exp() is exactly 0), so it is no bin; the other bins renormalise.
+ABSENT = -1
+ABSENT_LOGP = -1e4
+
+
+def _present(ids: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(ids safe to gather with, (N, k) mask of present slots or None when every slot is present)."""
+    present = ids >= 0
+    if bool(present.all()):
+        return ids, None
+    return ids.clamp(min=0), present
+
+
+def _in_bins(shape, ids: Tensor, present: Tensor, device) -> Tensor:
+    """(N, V) True at the ids of present slots (a scatter of counts: several slots may share a clamped id)."""
+    return torch.zeros(shape, device=device).scatter_add_(-1, ids, present.float()) > 0
 
 
 def hard_ce(student_logits: Tensor, labels: Tensor) -> Tensor:
@@ -190,9 +212,13 @@ def sparse_teacher_logp(logprobs: Tensor, tail_logmass: Tensor, capture_temperat
     lp, tail = logprobs.float(), tail_logmass.float()
     if temperature != capture_temperature:
         r = capture_temperature / temperature
-        n_tail = max(vocab_size - lp.shape[-1], 1)
-        lp = r * lp
-        tail = math.log(n_tail) + r * (tail - math.log(n_tail))
+        absent = lp <= ABSENT_LOGP / 2  # (N, k) slots that are no bin (a trimmed student's): not counted
+        if bool(absent.any()):
+            log_n = torch.log((vocab_size - (~absent).sum(-1)).clamp(min=1).float())  # (N,)
+        else:
+            log_n = math.log(max(vocab_size - lp.shape[-1], 1))
+        lp = torch.where(absent, ABSENT_LOGP, r * lp)
+        tail = log_n + r * (tail - log_n)
     bins = torch.cat([lp, tail[:, None]], dim=-1)  # (N, k+1)
     return bins - torch.logsumexp(bins, dim=-1, keepdim=True)
 
@@ -200,9 +226,15 @@ def sparse_teacher_logp(logprobs: Tensor, tail_logmass: Tensor, capture_temperat
 def sparse_student_logp(student_logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
     """Student log-probs at T gathered at the teacher's top-k ids, plus the mass elsewhere. (N, V) -> (N, k+1)"""
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
+    ids, present = _present(ids)
     top = s.gather(-1, ids)  # (N, k)
     # (N,) log of the mass outside the top-k, floored like the cache's tail (an empty tail is ~1e-13, not 0)
-    rest = s.scatter(-1, ids, float("-inf")).logsumexp(-1).clamp(min=LOG_TAIL_FLOOR)
+    if present is None:
+        rest = s.scatter(-1, ids, float("-inf")).logsumexp(-1).clamp(min=LOG_TAIL_FLOOR)
+    else:
+        rest = s.masked_fill(_in_bins(s.shape, ids, present, s.device), float("-inf")).logsumexp(-1)
+        rest = rest.clamp(min=LOG_TAIL_FLOOR)
+        top = torch.where(present, top, ABSENT_LOGP)
     return torch.cat([top, rest[:, None]], dim=-1)
 
 
@@ -224,26 +256,35 @@ class _SparseForwardKL(torch.autograd.Function):
     def forward(ctx, s_logits: Tensor, ids: Tensor, t_bins: Tensor, temperature: float) -> Tensor:
         z = s_logits.float()
         q = F.log_softmax(z / temperature if temperature != 1 else z, dim=-1)  # (N, V) log q for now
+        ids, present = _present(ids)
         top = q.gather(-1, ids)                                                 # (N, k) log q at the top-k
-        q.exp_().scatter_(-1, ids, 0.0)                                         # (N, V) q outside the top-k
+        if present is None:
+            q.exp_().scatter_(-1, ids, 0.0)                                     # (N, V) q outside the top-k
+        else:  # absent slots are no bin: their (clamped) id keeps its mass in the rest
+            q.exp_().masked_fill_(_in_bins(q.shape, ids, present, q.device), 0.0)
+            top = torch.where(present, top, ABSENT_LOGP)
         q_rest = q.sum(-1)                                                      # (N,) exact, no 1 − Σ cancellation
         log_rest = q_rest.log()
         free = log_rest > LOG_TAIL_FLOOR                                        # (N,) rest bin not floored
         s_bins = torch.cat([top, log_rest.clamp(min=LOG_TAIL_FLOOR)[:, None]], dim=-1)  # (N, k+1)
-        ctx.save_for_backward(q, ids, top, t_bins, q_rest, free)
+        ctx.save_for_backward(q, ids, top, t_bins, q_rest, free, present if present is not None else ids.new_ones(0))
         ctx.temperature, ctx.dtype = temperature, s_logits.dtype
         return _kl_logp(t_bins, s_bins)  # only k+1 columns: the plain definition is cheap here
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, ids, top, t_bins, q_rest, free = ctx.saved_tensors
+        q, ids, top, t_bins, q_rest, free, present = ctx.saved_tensors
         p = t_bins.exp()                                                                  # (N, k+1)
         p_top, p_rest = p[:, :-1], p[:, -1]
         c = p_top.sum(-1) + torch.where(free, p_rest, 0.0)                                 # (N,)
         rest_coef = c - torch.where(free, p_rest / q_rest.clamp(min=torch.finfo(q.dtype).tiny), 0.0)
         scale = grad_out / ctx.temperature                                                # (N,)
         grad = q.mul_((rest_coef * scale)[:, None])                                       # (N, V); top-k are 0
-        grad.scatter_(-1, ids, (c[:, None] * top.exp() - p_top) * scale[:, None])
+        top_grad = (c[:, None] * top.exp() - p_top) * scale[:, None]                     # (N, k)
+        if present.numel():  # absent slots add nothing (a clamped id may be a present slot's too: add, not set)
+            grad.scatter_add_(-1, ids, torch.where(present, top_grad, 0.0))
+        else:
+            grad.scatter_(-1, ids, top_grad)
         return grad.to(ctx.dtype), None, None, None
 
 

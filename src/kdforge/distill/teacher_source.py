@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kdforge.data.chat import IGNORE_INDEX
-from kdforge.distill.losses import SparseSignal, TeacherSignal
+from kdforge.distill.losses import ABSENT, ABSENT_LOGP, SparseSignal, TeacherSignal
 from kdforge.models.forward import capture, target_logits
 from kdforge.models.loading import input_device
 from kdforge.softlabels.reader import CacheError, SoftLabelCache
@@ -98,10 +98,28 @@ class LiveTeacher:
 class CachedTeacher:
     """The teacher as recorded by `kdforge label`: top-k log-probs and, if kept, hidden states."""
 
-    def __init__(self, cache: SoftLabelCache):
+    def __init__(self, cache: SoftLabelCache, kept_ids: torch.Tensor | None = None):
+        """``kept_ids``: a student with a trimmed vocabulary (student id i is teacher id kept_ids[i]): the
+        cached teacher ids become student ids, and a top-k slot whose token the student lacks becomes
+        ABSENT (no bin: the teacher's other bins renormalise over what the student can say)."""
         self.cache = cache
+        self.student_id = None
+        if kept_ids is not None:
+            self.student_id = torch.full((cache.manifest.vocab_size,), ABSENT, dtype=torch.long)
+            self.student_id[kept_ids] = torch.arange(len(kept_ids))
         self.num_layers = cache.manifest.teacher_layers
         self.hidden_size = cache.manifest.teacher_hidden_size
+
+    def _to_student(self, ids: torch.Tensor, lp: torch.Tensor, tail: torch.Tensor):
+        """Teacher ids -> a trimmed student's ids; slots it lacks ABSENT; the tail cut to its kept share. The
+        target is the teacher's distribution renormalised over the kept ids (as a live teacher's logits cut to
+        them give): the cache kept nothing of the tail's shape, so it is assumed spread evenly over the V - k
+        tokens outside the top-k, of which K - (present slots) are kept; the losses renormalise the bins."""
+        ids = self.student_id[ids]                                         # (N, k)
+        present = ids != ABSENT
+        v, k, kept = self.student_id.numel(), ids.shape[1], int((self.student_id != ABSENT).sum())
+        share = (kept - present.sum(-1)).clamp(min=1).float() / max(v - k, 1)  # (N,)
+        return ids, torch.where(present, lp, ABSENT_LOGP), tail + share.log()
 
     def __call__(self, batch: dict[str, torch.Tensor], req: TeacherRequest) -> TeacherOutput:
         # pack_length is the live teacher's concern: cached targets are stored conversation by conversation.
@@ -117,10 +135,11 @@ class CachedTeacher:
         device = batch["input_ids"].device
         signal = actual = None
         if req.logits:
-            signal = SparseSignal(torch.cat([x.ids for x in labels]).to(device),
-                                  torch.cat([x.logprobs for x in labels]).to(device),
-                                  torch.cat([x.tail_logmass for x in labels]).to(device),
-                                  self.cache.temperature)
+            ids, lp = torch.cat([x.ids for x in labels]), torch.cat([x.logprobs for x in labels])  # (N, k) each
+            tail = torch.cat([x.tail_logmass for x in labels])  # (N,)
+            if self.student_id is not None:
+                ids, lp, tail = self._to_student(ids, lp, tail)
+            signal = SparseSignal(ids.to(device), lp.to(device), tail.to(device), self.cache.temperature)
             if all(x.actual_logp is not None for x in labels):
                 actual = torch.cat([x.actual_logp for x in labels]).to(device)
         out: dict[int, torch.Tensor] = {}

@@ -303,3 +303,29 @@ def trimmed_from(student_path: str, teacher_tok, student_tok):
 def same_vocabulary(teacher_tok, student_tok) -> bool:
     """Whether two tokenizers have the same vocabulary (token -> id)."""
     return teacher_tok.get_vocab() == student_tok.get_vocab()
+
+
+def vocab_map_teacher_vocab(folder: str | Path) -> str | None:
+    """The hash of the teacher vocabulary a trimmed student was cut from (``teacher_vocab_sha256`` in its map,
+    softlabels.format.tokenizer_fingerprint's), or None (no map, or one written before it was recorded)."""
+    path = product(folder, "vocab_map") or Path(folder) / VOCAB_MAP_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("teacher_vocab_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def trimmed_from_cache(student_path: str, cache, student_tok):
+    """The kept teacher ids (K,) of a student trimmed from the teacher whose soft-label ``cache`` this is: its map
+    names the cache's vocabulary (size and hash) and the student's tokens; else None."""
+    import torch
+
+    if not Path(student_path).is_dir():
+        return None
+    kept = read_vocab_map(student_path)
+    m = cache.manifest
+    if kept is None or len(kept) != len(student_tok) or max(kept, default=0) >= m.vocab_size:
+        return None
+    if vocab_map_teacher_vocab(student_path) != m.tokenizer.vocab_sha256:
+        return None
+    return torch.tensor(kept, dtype=torch.long)

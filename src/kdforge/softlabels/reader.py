@@ -100,13 +100,17 @@ class SoftLabelCache:
                              "--set cross_tokenizer=true` with the same --out")
         return AutoTokenizer.from_pretrained(folder)
 
-    def check_compatible(self, tokenizer, data_sha256: str | None = None, data_path: str | None = None) -> None:
+    def check_compatible(self, tokenizer, data_sha256: str | None = None, data_path: str | None = None,
+                         vocabulary: bool = True) -> None:
         """Refuse a cache made with another tokenizer, chat template or data file (``data_path``: the data
-        the user gave now, named in the message)."""
+        the user gave now, named in the message). ``vocabulary=False``: a student trimmed from the cache's
+        teacher (its ids differ by design; its chat template and special tokens must not)."""
         mine = self.manifest.tokenizer.model_dump()
         theirs = tokenizer_fingerprint(tokenizer)
         what = {"vocab_sha256": "vocabulary", "chat_template_sha256": "chat template",
                 "special_tokens_sha256": "special tokens", "vocab_size": "vocabulary size"}
+        if not vocabulary:
+            what = {k: v for k, v in what.items() if k not in ("vocab_sha256", "vocab_size")}
         diffs = [what[k] for k in what if mine.get(k) != theirs.get(k)]
         if diffs:
             raise CacheError(f"soft-label cache {self.path} was made with a different {', '.join(diffs)} than the "

@@ -461,7 +461,7 @@ def _teacher_signal(cfg: DistillConfig, cache, student, tok, device, par):
     from kdforge.distill.teacher_source import CachedTeacher, LiveTeacher
     from kdforge.distill.trainer import check_same_tokenizer
     from kdforge.models.loading import load_model
-    from kdforge.models.vocab_trim import same_vocabulary, trimmed_from
+    from kdforge.models.vocab_trim import same_vocabulary, trimmed_from, trimmed_from_cache
     from kdforge.softlabels.format import tokenizer_fingerprint
 
     if cache is not None:
@@ -475,6 +475,11 @@ def _teacher_signal(cfg: DistillConfig, cache, student, tok, device, par):
             cache.check_compatible(t_tok, file_sha256(data_file(cfg.data)), cfg.data)
             cross = _cross_setup(cfg, t_tok, tok, cache.manifest.vocab_size)
             return CrossTeacher(CachedTeacher(cache), cross.toks), shared_vocab_size(tok, student), cache.rows(), cross
+        kept = trimmed_from_cache(cfg.student, cache, tok) if t_tok is None else None
+        if kept is not None:
+            # A student trimmed from the cache's teacher: the same tokens under new ids, the cache's ids mapped.
+            cache.check_compatible(tok, file_sha256(data_file(cfg.data)), cfg.data, vocabulary=False)
+            return CachedTeacher(cache, kept_ids=kept), shared_vocab_size(tok, student), cache.rows(), None
         if t_tok is None and cache.manifest.tokenizer.vocab_sha256 != tokenizer_fingerprint(tok)["vocab_sha256"]:
             raise ConfigError(f"the soft-label cache {cfg.labels} was labelled for the teacher's own tokenizer and "
                               "the student tokenizes differently: label again with `--set cross_tokenizer=true` "

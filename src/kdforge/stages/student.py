@@ -76,6 +76,7 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
     from kdforge.models.pruning import build_width_student, measure_importance, plan_width, top_sorted
     from kdforge.models.student import build_layer_student, check_layers, random_student, uniform_layers
     from kdforge.models.vocab_trim import VocabTrimError, check_trimmable
+    from kdforge.softlabels.format import tokenizer_fingerprint
 
     check_writable(cfg.out)  # before the teacher loads: a read-only --out fails in a second
     t0 = time.time()
@@ -123,6 +124,7 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
     except ValueError as e:
         raise ConfigError(f"student: {e}") from None
     trim_metrics, kept_ids, transplanted = {}, None, None
+    teacher_vocab = tokenizer_fingerprint(tok)["vocab_sha256"]  # a label cache of this teacher names it too
     if trim_data is not None:
         tok, kept_ids, trim_metrics = _trim(student, tok, trim_data[0])
     elif new_tok is not None:
@@ -140,7 +142,7 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
         if kept_ids is not None:
             from kdforge.models.vocab_trim import VOCAB_MAP_NAME, write_vocab_map
 
-            write_vocab_map(tmp, kept_ids, tc.vocab_size)
+            write_vocab_map(tmp, kept_ids, tc.vocab_size, teacher_vocab_sha256=teacher_vocab)
             files = {"vocab_map": VOCAB_MAP_NAME}  # distill finds the map through this declaration
             extra = {"trim_vocab": trim_data[1]}  # the data's path and sha256
         if transplanted is not None:
