@@ -21,7 +21,7 @@ from typing import Any
 from kdforge.config import ConfigError, StageConfig, build_config, read_run_file
 
 # Stage modules in flow order; a module may declare several subcommands (export: export, quantize).
-MODULES = ("generate", "label", "student", "distill", "export", "eval", "serve", "plan", "demo")
+MODULES = ("generate", "label", "student", "distill", "prefs", "export", "eval", "serve", "plan", "demo")
 
 
 @dataclass(frozen=True)
