@@ -21,14 +21,14 @@ $(STAMP): pyproject.toml
 # for `make test` only, so that `make demo` stays lean. (llama-cpp-python has no wheel on PyPI: it
 # compiles llama.cpp for minutes, so its backend test runs only where `pip install -e .[llamacpp]` was done.)
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,ui,lmeval]"
+	$(BIN)/python -m pip install -q -e ".[dev,ui,lmeval,bench]"
 	touch $(TEST_STAMP)
 
 # tests/test_ui_browser.py drives the chat page in Debian's chromium (apt-get install chromium; no browser
 # download): `make browser-deps` adds Playwright's Python package. Without either that test is skipped.
 BROWSER_STAMP := $(VENV)/.kdforge-browser-extras
 $(BROWSER_STAMP): $(TEST_STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,ui,lmeval,browser]"
+	$(BIN)/python -m pip install -q -e ".[dev,ui,lmeval,bench,browser]"
 	touch $(BROWSER_STAMP)
 
 .PHONY: browser-deps

@@ -63,7 +63,8 @@ def test_batch8_equals_batch1_times_accumulation8(tokenizer, tmp_path):
     grads = []
     for split in ([data], [[e] for e in data]):
         student.zero_grad()
-        d = Distiller(cfg.objective(), LiveTeacher(teacher, len(tokenizer)), student, len(tokenizer), {0: 1}, None)
+        d = Distiller(cfg.trainer_objective(),
+                      LiveTeacher(teacher, len(tokenizer)), student, len(tokenizer), {0: 1}, None)
         d.step([collate(chunk, tokenizer.pad_token_id) for chunk in split], Progress(0, 10, 5))
         grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
@@ -95,7 +96,8 @@ def test_packed_rows_equal_the_padded_batch(tokenizer, arch, pack_length):
         cfg = DistillConfig(teacher="t", student="s", data="d", temperature=2.0, alpha=0.3, pack=pack,
                             pack_length=max(pack_length, 9))
         student.zero_grad()
-        r = Distiller(cfg.objective(), LiveTeacher(teacher, len(tokenizer)), student, len(tokenizer), {}, None).step(
+        r = Distiller(cfg.trainer_objective(),
+                      LiveTeacher(teacher, len(tokenizer)), student, len(tokenizer), {}, None).step(
             [batch], Progress(0, 10, 5))
         losses.append(r["loss"])
         grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
@@ -116,7 +118,8 @@ def test_sparse_tied_embedding_gradient_equals_the_dense_one(tokenizer, hidden_o
     grads = []
     for sparse in (True, False):
         student.zero_grad(set_to_none=True)
-        d = Distiller(cfg.objective(), LiveTeacher(teacher, len(tokenizer)), student, len(tokenizer), {0: 1}, None)
+        d = Distiller(cfg.trainer_objective(),
+                      LiveTeacher(teacher, len(tokenizer)), student, len(tokenizer), {0: 1}, None)
         assert d.tied_embedding is student.get_input_embeddings() and student.get_input_embeddings().sparse
         student.get_input_embeddings().sparse = sparse
         d.step(micro, Progress(0, 10, 5))
@@ -140,7 +143,8 @@ def test_chunked_projection_and_backward_equal_one_chunk(tokenizer, loss):
         cfg = DistillConfig(teacher="t", student="s", data="d", temperature=2.0, alpha=0.3, loss=loss,
                             chunk_size=chunk)
         student.zero_grad()
-        r = Distiller(cfg.objective(), LiveTeacher(teacher, len(tokenizer)), student, len(tokenizer), {}, None).step(
+        r = Distiller(cfg.trainer_objective(),
+                      LiveTeacher(teacher, len(tokenizer)), student, len(tokenizer), {}, None).step(
             [batch], Progress(0, 10, 5))
         results.append((r, torch.cat([p.grad.flatten() for p in student.parameters()])))
     # Reference: plain autograd through the full (N, V) logits.

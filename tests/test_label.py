@@ -260,7 +260,7 @@ def test_cached_signal_with_full_vocabulary_trains_like_the_live_teacher(tokeniz
         for kind in ("forward_kl", "reverse_kl"):
             cfg = DistillConfig(teacher="t", student="s", data="d", temperature=2.0, alpha=0.3, loss=kind)
             student.zero_grad()
-            r = Distiller(cfg.objective(), source, student, v, {}, None).step([batch], Progress(0, 10, 5))
+            r = Distiller(cfg.trainer_objective(), source, student, v, {}, None).step([batch], Progress(0, 10, 5))
             results.append((r, torch.cat([p.grad.flatten() for p in student.parameters()])))
     for (live, g_live), (cached, g_cached) in zip(results[:2], results[2:]):
         assert cached["loss"] == pytest.approx(live["loss"], rel=1e-4)

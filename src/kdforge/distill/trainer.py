@@ -4,6 +4,7 @@ Objective per optimizer step, over all micro-batches of the step:
     kd_weight * (alpha * CE + (1 - alpha) * T^2 * D(teacher_T, student_T))   per target token
   + hidden_weight * H(student layer i, teacher layer map[i])                  per real token
   + attention_weight * A(student layer i, teacher layer map[i])               per real token
+  + consistency_weight * D(q(x) ‖ q(perturbed x)) at T=1                       per target token
 Each term is normalised by its token count over the whole step (not per micro-batch), so batch 8 x
 accumulation 1 and batch 1 x accumulation 8 give the same gradients. Every weight and T can follow
 a schedule. The `kdforge distill` stage (kdforge/stages/distill.py) builds the pieces and runs the loop.
@@ -24,11 +25,13 @@ from kdforge.data.batching import collate
 from kdforge.data.chat import IGNORE_INDEX, EncodedConversation, encode_conversation
 from kdforge.data.formats import Conversation
 from kdforge.distill.alignment import attention_loss_sum, default_layer_map, hidden_loss_sum
+from kdforge.distill.consistency import perturbation_generator, perturbed_inputs
 from kdforge.distill.cross_losses import cross_terms
 from kdforge.distill.cross_teacher import CrossSignal, add_to_batch
 from kdforge.distill.losses import SparseSignal, hard_ce, kd_terms, soft_divergence
 from kdforge.distill.parallel import Parallel, TargetHidden, grad_into
 from kdforge.distill.schedules import Progress, Schedule
+from kdforge.distill.taid import TaidCoefficient, interpolated_signal, target_entropy
 from kdforge.distill.teacher_source import CachedTeacher, LiveTeacher, TeacherRequest
 from kdforge.models.forward import capture, project
 
@@ -51,6 +54,13 @@ class Objective:
     attention_weight: Schedule = field(default_factory=lambda: Schedule(value=1.0))
     chunk_size: int | None = 256              # target positions per projection/loss/backward chunk
     pack_length: int | None = 256             # tokens per packed row; None: padded batches
+    # consistency under perturbed inputs (kdforge.distill.consistency): weight * D(q(x) ‖ q(x~)) per target token
+    consistency_weight: Schedule = field(default_factory=lambda: Schedule(value=0.0))
+    consistency_loss: str = "forward_kl"
+    perturb: str = "token_dropout"            # token_dropout, hidden_noise
+    perturb_p: float = 0.1                    # token_dropout: probability a token's vector is zeroed
+    perturb_sigma: float = 0.1                # hidden_noise: noise std relative to each token's RMS
+    seed: int = 0                             # seeds the perturbations (with step and micro-batch)
 
 
 def lr_multiplier(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
@@ -103,7 +113,8 @@ class Distiller:
     def __init__(self, objective: Objective, teacher: LiveTeacher | CachedTeacher, student, vocab: int,
                  layer_map: dict[int, int], projection: torch.nn.Module | None,
                  autocast: contextlib.AbstractContextManager | None = None,
-                 parallel: Parallel | None = None, root: torch.nn.Module | None = None, cross=None):
+                 parallel: Parallel | None = None, root: torch.nn.Module | None = None, cross=None,
+                 taid: TaidCoefficient | None = None):
         """``root``: the student as the trainer calls it (a TargetHidden, wrapped by DDP or FSDP2 in a
         parallel run: kdforge.distill.parallel); built here for one process. ``cross``: a CrossSetup when
         teacher and student tokenise differently (the teacher then yields CrossSignals)."""
@@ -111,6 +122,10 @@ class Distiller:
         self.layer_map, self.projection = layer_map, projection
         self.autocast = autocast
         self.cross = cross
+        self._clean_hidden: torch.Tensor | None = None  # (N, H) a micro-batch's clean student states (consistency)
+        # TAID (kdforge.distill.taid): the target interpolates the detached student and the teacher with a t that
+        # rises over training; its state travels in the checkpoints.
+        self.taid = taid
         self.pack_length = objective.pack_length
         self.parallel = parallel or Parallel()
         self.root = root if root is not None else TargetHidden(student, projection)
@@ -121,21 +136,33 @@ class Distiller:
         c = self.objective
         return {"temperature": c.temperature.at(p), "alpha": c.alpha.at(p), "kd_weight": c.kd_weight.at(p),
                 "hidden_weight": c.hidden_weight.at(p) if c.hidden_loss != "none" else 0.0,
-                "attention_weight": c.attention_weight.at(p) if c.attention_loss != "none" else 0.0}
+                "attention_weight": c.attention_weight.at(p) if c.attention_loss != "none" else 0.0,
+                "consistency_weight": c.consistency_weight.at(p),
+                **({"taid_t": self.taid.t} if self.taid is not None else {})}
 
     def step(self, micro: list[dict[str, torch.Tensor]], p: Progress,
-             totals: tuple[int, int] | None = None) -> dict[str, float]:
+             totals: tuple[int, int] | None = None, divergence_only: bool = False,
+             kinds: list[str] | None = None) -> dict[str, float]:
         """Forward + backward over the micro-batches; returns the step's terms and token counts.
 
         ``totals``: (target tokens, real tokens) of the whole global step when this rank holds only its
         share of it (a parallel run); the terms are normalised by them and summed over ranks.
+        ``divergence_only``: alpha 0 this step; on-policy steps (kdforge.distill.on_policy) train the divergence
+        alone on the student's own samples, as GKD does (CE on its own samples would reinforce them).
+        ``kinds``: the divergence of each micro-batch instead of the objective's (DistiLLM-2: skew KL on the
+        teacher's answers, skew reverse KL on the student's).
         """
         w = self.weights(p)
+        if divergence_only:
+            w["alpha"] = 0.0
         n_targets, n_tokens = totals if totals is not None else step_totals(micro)
-        sums = {"loss": 0.0, "ce": 0.0, "soft": 0.0, "hidden": 0.0, "attention": 0.0}
+        sums = {"loss": 0.0, "ce": 0.0, "soft": 0.0, "hidden": 0.0, "attention": 0.0, "consistency": 0.0,
+                "taid_entropy": 0.0}
         for i, b in enumerate(micro):
             with self.parallel.sync(self.root, last=i == len(micro) - 1):
-                self._micro_step(b, w, n_targets, n_tokens, sums)
+                self._micro_step(b, w, n_targets, n_tokens, sums, kinds[i] if kinds else None)
+                if w["consistency_weight"] > 0:
+                    self._consistency(b, w, n_targets, sums, perturbation_generator(self.objective.seed, p.step, i))
         emb = self.tied_embedding
         if emb is not None and emb.weight.grad is not None and emb.weight.grad.is_sparse:
             # Only when no output-projection gradient arrived first (e.g. a hidden-states-only stage).
@@ -143,13 +170,17 @@ class Distiller:
         sums = self.parallel.sum_floats(sums)
         # Report every term per token of its own kind; "loss" is the weighted total the gradient came from.
         out = {"ce": sums["ce"] / max(n_targets, 1), "soft": sums["soft"] / max(n_targets, 1),
-               "hidden": sums["hidden"] / max(n_tokens, 1), "attention": sums["attention"] / max(n_tokens, 1)}
+               "hidden": sums["hidden"] / max(n_tokens, 1), "attention": sums["attention"] / max(n_tokens, 1),
+               "consistency": sums["consistency"] / max(n_targets, 1)}
         out["loss"] = (sums["loss"] / max(n_targets, 1) + w["hidden_weight"] * out["hidden"]
-                       + w["attention_weight"] * out["attention"])
+                       + w["attention_weight"] * out["attention"] + w["consistency_weight"] * out["consistency"])
+        if self.taid is not None and n_targets:
+            # TAID's rule reads the step's cross-entropy to the target, KL + H(p_t), per target token.
+            self.taid.update((sums["soft"] + sums["taid_entropy"]) / n_targets, (p.step + 1) / max(p.total_steps, 1))
         return out | w | {"targets": n_targets, "tokens": n_tokens}
 
     def _micro_step(self, b: dict[str, torch.Tensor], w: dict[str, float], n_targets: int, n_tokens: int,
-                    sums: dict[str, float]) -> None:
+                    sums: dict[str, float], kind: str | None = None) -> None:
         """One micro-batch's forward and backward pass; its terms are added to ``sums``."""
         c, par = self.objective, self.parallel
         use_kd = w["kd_weight"] > 0
@@ -172,12 +203,14 @@ class Distiller:
                     self.root(ids, mask, labels, targets=False)
         loss = torch.zeros((), device=device)
         head_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # The clean predictions are the consistency term's target (kdforge.distill.consistency).
+        self._clean_hidden = s_hidden.detach() if use_kd and w["consistency_weight"] > 0 else None
         if use_kd:
-            kd_sums, h_grad, head_grads = self._token_terms(s_hidden, t_out.signal, targets, w, n_targets)
+            kd_sums, h_grad, head_grads = self._token_terms(s_hidden, t_out.signal, targets, w, n_targets, kind)
             if h_grad is not None:
                 # Carries the token losses' gradient into the decoder: d(sum(h * g))/dh = g.
                 loss = loss + (s_hidden * h_grad).sum()
-            for k in ("loss", "ce", "soft"):
+            for k in ("loss", "ce", "soft", "taid_entropy"):
                 sums[k] += kd_sums[k] * (w["kd_weight"] if k == "loss" else 1.0)
         real = mask.bool()  # (B, T)
         if hid:
@@ -209,6 +242,35 @@ class Distiller:
             return
         if loss.requires_grad:
             par.backward(self.root, loss)
+
+    def _consistency(self, b: dict[str, torch.Tensor], w: dict[str, float], n_targets: int, sums: dict[str, float],
+                     generator: torch.Generator) -> None:
+        """consistency_weight · D(q(x) ‖ q(x~)) of one micro-batch: the student again, on perturbed input
+        embeddings, against its clean predictions of `_micro_step` (detached), chunk by chunk like the token terms."""
+        c = self.objective
+        device = next(self.student.parameters()).device
+        b = {k: v.to(device) for k, v in b.items()}
+        clean = self._clean_hidden
+        if clean is None:  # kd_weight 0 this step: the clean pass kept no hidden states
+            with torch.no_grad(), self.autocast or contextlib.nullcontext():
+                clean, _ = self.root(b["input_ids"], b["attention_mask"], b["labels"], self.pack_length)
+        with perturbed_inputs(self.student, c.perturb, c.perturb_p, c.perturb_sigma, generator), \
+                self.autocast or contextlib.nullcontext():
+            h, _ = self.root(b["input_ids"], b["attention_mask"], b["labels"], self.pack_length)  # (N, H)
+        leaf = h.detach().requires_grad_()
+        size = c.chunk_size or max(leaf.shape[0], 1)
+        for start in range(0, leaf.shape[0], size):
+            sl = slice(start, start + size)
+            with self.autocast or contextlib.nullcontext():
+                logits = project(self.student, leaf[sl], self.vocab)  # (chunk, V)
+                with torch.no_grad():
+                    target = project(self.student, clean[sl], self.vocab)  # (chunk, V)
+            d = soft_divergence(logits, target.float(), c.consistency_loss, 1.0).sum()
+            (w["consistency_weight"] * d / max(n_targets, 1)).backward()
+            sums["consistency"] += float(d.detach())
+        if leaf.grad is not None:
+            (h * leaf.grad).sum().backward()
+        self._clean_hidden = None
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -242,7 +304,7 @@ class Distiller:
         return out
 
     def _token_terms(self, s_hidden: torch.Tensor, signal, targets: torch.Tensor, w: dict[str, float],
-                     n_targets: int) -> tuple[dict[str, float], torch.Tensor | None,
+                     n_targets: int, kind: str | None = None) -> tuple[dict[str, float], torch.Tensor | None,
                                               list[tuple[torch.Tensor, torch.Tensor]]]:
         """alpha·CE + (1-alpha)·T²·D over the N target positions, projected and back-propagated chunk by chunk.
 
@@ -257,7 +319,7 @@ class Distiller:
         leaf = s_hidden.detach().requires_grad_(s_hidden.requires_grad)
         n = leaf.shape[0]
         size = c.chunk_size or max(n, 1)
-        sums = {"loss": 0.0, "ce": 0.0, "soft": 0.0}
+        sums = {"loss": 0.0, "ce": 0.0, "soft": 0.0, "taid_entropy": 0.0}
         defer = self.parallel.active and leaf.requires_grad
         head = [p for p in self.student.get_output_embeddings().parameters() if p.requires_grad] if defer else []
         head_grads = [self.parallel.zeros_like(p) for p in head]
@@ -276,7 +338,12 @@ class Distiller:
             else:
                 sig = (signal.rows(sl) if isinstance(signal, SparseSignal)
                        else (signal[sl] if signal is not None else None))
-                terms = kd_terms(logits, sig, targets[sl], w["alpha"], w["temperature"], c.loss, c.jsd_beta, c.skew)
+                if self.taid is not None and sig is not None and w["alpha"] < 1:
+                    sig = interpolated_signal(logits, sig, self.taid.t, w["temperature"])
+                    if self.taid.adaptive:
+                        sums["taid_entropy"] += float(target_entropy(sig, w["temperature"]).sum())
+                terms = kd_terms(logits, sig, targets[sl], w["alpha"], w["temperature"], kind or c.loss, c.jsd_beta,
+                                 c.skew)
             scaled = w["kd_weight"] * terms["loss"] / max(n_targets, 1)
             if defer and scaled.requires_grad:
                 grads = torch.autograd.grad(scaled, [x, *head], allow_unused=True)
@@ -286,7 +353,7 @@ class Distiller:
                         acc += g
             elif scaled.requires_grad:
                 scaled.backward()
-            for k in sums:
+            for k in ("loss", "ce", "soft"):
                 sums[k] += float(terms[k].detach())
         return sums, (leaf_grad if defer else leaf.grad), list(zip(head, head_grads))
 

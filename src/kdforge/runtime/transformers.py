@@ -100,7 +100,9 @@ class TransformersRuntime(CausalLM):
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int],
                  generators: list[torch.Generator] | None = None, batch_size: int = 16,
-                 vocab: int | None = None) -> list[list[int]]:
+                 vocab: int | None = None, keep_stop: bool = False) -> list[list[int]]:
+        """As :meth:`CausalLM.generate`; ``keep_stop``: an answer ended by a stop token keeps it as its last
+        token (on-policy distillation trains on the end-of-turn the student chose)."""
         if params.ignore_eos:
             raise ValueError("generate stops at stop_ids; ignore_eos is for the serve engines")
         if not params.greedy and generators is None:
@@ -124,7 +126,8 @@ class TransformersRuntime(CausalLM):
             gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
                                       generation_config=cfg, **kw)  # (B, W + new)
             for row in gen[:, ids.shape[1]:].tolist():
-                out.append(row[:next((j for j, t in enumerate(row) if t in stops), len(row))])
+                end = next((j for j, t in enumerate(row) if t in stops), None)
+                out.append(row if end is None else row[:end + keep_stop])
         return out
 
     @torch.inference_mode()

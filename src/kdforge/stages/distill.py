@@ -73,9 +73,60 @@ class CrossTokenizerSettings(StageConfig):
     uld_top_k: int = Field(64, gt=0, description="ranks ULD compares one by one (the rest as one bin)")
 
 
+class RolloutSettings(StageConfig):
+    """How the student samples its answers on on-policy steps (TRL GKDConfig: temperature, max_new_tokens)."""
+
+    temperature: float = Field(1.0, ge=0, le=2, description="sampling temperature (0: greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    max_new_tokens: int = Field(128, gt=0, description="tokens per sampled answer at most")
+    batch_size: int = Field(16, gt=0, description="prompts decoded together")
+
+
+class ConsistencySettings(StageConfig):
+    """weight * D(q(x) || q(perturbed x)) per target token: the student's predictions on an input and on a
+    perturbed copy should agree (kdforge.distill.consistency; the clean prediction is the detached target)."""
+
+    weight: ScheduleLike = Field(0.0, description="weight of the consistency term (0: off); a number or a schedule")
+    perturb: Literal["token_dropout", "hidden_noise"] = Field(
+        "token_dropout", description="token_dropout: zero a token's input vector with probability p; hidden_noise: "
+        "add Gaussian noise of sigma x each token's RMS to the input hidden states")
+    p: float = Field(0.1, ge=0, lt=1, description="token_dropout probability")
+    sigma: float = Field(0.1, ge=0, description="hidden_noise standard deviation, relative to each token's RMS")
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv"] = Field(
+        "forward_kl", description="the divergence D, at T=1")
+
+
+class TaidSettings(StageConfig):
+    """TAID (kdforge.distill.taid): the target is softmax((1-t)·student (detached) + t·teacher), t rising over
+    training from t_start to t_end, linearly or by TAID's adaptive rule (the linear schedule as its floor)."""
+
+    schedule: Literal["off", "linear", "adaptive"] = Field("off", description="off: the teacher is the target")
+    t_start: float = Field(0.4, ge=0, lt=1, description="t at the first step")
+    t_end: float = Field(1.0, gt=0, le=1, description="t at the last step (at most)")
+    alpha: float = Field(5e-4, ge=0, le=1, description="adaptive: step size of t")
+    beta: float = Field(0.99, ge=0, le=1, description="adaptive: momentum of the loss's relative change")
+
+
+class PreferenceSettings(StageConfig):
+    """objective dpo / kto (kdforge.distill.preference; docs/losses.md): TRL's names where TRL has them."""
+
+    beta: float = Field(0.1, gt=0, description="beta: how far the policy may move from the reference (DPO, KTO)")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="dpo: sigmoid (DPO), ipo, hinge")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo sigmoid: conservative DPO's epsilon")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable answers")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable answers")
+    sft_weight: float = Field(0.0, ge=0, description="weight of CE on the chosen (desirable) answers, per token "
+                              "(TRL's rpo_alpha; 0: off)")
+
+
 class DistillConfig(StageConfig):
     """`kdforge distill`: train the student on teacher answers, from a live teacher or a soft-label cache."""
 
+    objective: Literal["kd", "dpo", "kto", "distillm2"] = Field(
+        "kd", description="kd: distillation on conversations (data); dpo / kto: preference optimisation on a "
+        "`kdforge prefs` artifact or a JSONL of pairs (data; no teacher); distillm2: DistiLLM-2's contrastive KD on "
+        "pairs (skew KL on chosen, skew reverse KL on rejected answers; needs the teacher)")
+    preference: PreferenceSettings = Field(default_factory=PreferenceSettings, description="dpo / kto settings")
     teacher: str | None = Field(None, description="the live teacher (not needed with labels)")
     teacher_placement: TeacherPlacement = Field(
         default_factory=TeacherPlacement, description="where the live teacher's weights go and in what precision: "
@@ -105,6 +156,16 @@ class DistillConfig(StageConfig):
     cross_tokenizer: CrossTokenizerSettings = Field(
         default_factory=CrossTokenizerSettings, description="used when the student's tokenizer is not the "
         "teacher's (found automatically)")
+    on_policy: ScheduleLike = Field(0.0, description="lambda: the share of steps that train on the student's own "
+                                    "samples, scored by the teacher (GKD; a number or a schedule); 0: off-policy")
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings,
+                                     description="sampling of the on-policy steps' answers")
+    taid: TaidSettings = Field(default_factory=TaidSettings, description="an interpolated target that moves from "
+                               "the student to the teacher over training (TAID)")
+    self_distill: bool = Field(False, description="self-distillation: the teacher is a frozen copy of the starting "
+                               "student (no teacher or labels); train chosen layers (freeze) or LoRA")
+    consistency: ConsistencySettings = Field(default_factory=ConsistencySettings,
+                                             description="consistency of predictions under perturbed inputs")
     preset: Literal["two_stage"] | None = None
     chunk_size: int | None = Field(256, gt=0, description="target positions per projection/loss/backward chunk")
     # optimisation
@@ -146,16 +207,40 @@ class DistillConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
-        if self.teacher is None and self.labels is None:
-            raise ValueError("set teacher (online distillation) or labels (a `kdforge label` cache)")
-        if self.teacher is not None and self.labels is not None:
-            # Training from the cache never loads the teacher: both would silently ignore one of them.
-            raise ValueError("set teacher (online distillation) or labels (train from the cache), not both")
-        for name in ("alpha", "temperature", "kd_weight", "hidden_weight", "attention_weight"):
+        for name in ("alpha", "temperature", "kd_weight", "hidden_weight", "attention_weight", "on_policy"):
             try:
                 object.__setattr__(self, name, as_schedule(getattr(self, name)))
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
+        try:
+            object.__setattr__(self.consistency, "weight", as_schedule(self.consistency.weight))
+        except ValueError as e:
+            raise ValueError(f"consistency.weight: {e}") from None
+        if self.self_distill:
+            if self.teacher is not None or self.labels is not None:
+                raise ValueError("self_distill: the teacher is the starting student itself; leave teacher and labels "
+                                 "unset")
+            object.__setattr__(self, "teacher", self.student)
+        if self.objective in ("dpo", "kto"):
+            if self.teacher is not None or self.labels is not None:
+                raise ValueError(f"objective {self.objective} trains on ranked answers (data: a `kdforge prefs` folder "
+                                 "or a JSONL of pairs) against the starting student as reference: leave teacher and "
+                                 "labels unset")
+            if self.on_policy_used or _varies(self.consistency.weight) or self.taid.schedule != "off" \
+                    or self.hidden_loss != "none" or self.attention_loss != "none" or self.preset:
+                raise ValueError(f"objective {self.objective} takes none of on_policy, consistency, taid, hidden or "
+                                 "attention alignment, presets")
+        if self.objective == "distillm2" and (self.labels is not None or self.on_policy_used):
+            raise ValueError("objective distillm2 needs the teacher to score both answers of each pair: set teacher "
+                             "(not labels), and on_policy 0")
+        if self.teacher is None and self.labels is None and self.objective not in ("dpo", "kto"):
+            raise ValueError("set teacher (online distillation) or labels (a `kdforge label` cache)")
+        if self.teacher is not None and self.labels is not None:
+            # Training from the cache never loads the teacher: both would silently ignore one of them.
+            raise ValueError("set teacher (online distillation) or labels (train from the cache), not both")
+        sch = self.on_policy
+        if any(not 0 <= v <= 1 for v in [sch.value, sch.start, sch.end, *(sch.values or [])] if v is not None):
+            raise ValueError("on_policy: the share of on-policy steps must lie in [0, 1]")
         bad = [w for w in self.category_weights.values() if w < 0]
         if bad:
             raise ValueError(f"category_weights must be >= 0, got {bad}")
@@ -168,6 +253,12 @@ class DistillConfig(StageConfig):
                                  "alignment need a local teacher (or a cache labelled with --hidden-layers)")
         if self.labels and (self.attention_loss != "none" or self.preset == "two_stage"):
             raise ValueError("attention-map alignment needs a live teacher; the soft-label cache holds no attention")
+        if self.labels and self.on_policy_used:
+            raise ValueError("on_policy trains on the student's own samples, which a soft-label cache has never seen: "
+                             "it needs the teacher (teacher: a model or a server URL) instead of labels")
+        if self.on_policy_used and (self.hidden_loss != "none" or self.attention_loss != "none"):
+            raise ValueError("on_policy and hidden/attention alignment: the sampled batches are packed and scored on "
+                             "logits only; set hidden_loss and attention_loss to none")
         if self.global_batch_size is not None and self.global_batch_size % self.batch_size:
             raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of batch_size "
                              f"{self.batch_size}")
@@ -183,7 +274,12 @@ class DistillConfig(StageConfig):
                 object.__setattr__(self, "attention_loss", "kl")
         return self
 
-    def objective(self):
+    @property
+    def on_policy_used(self) -> bool:
+        """True when some step may train on the student's samples (lambda above 0 anywhere)."""
+        return _varies(self.on_policy)
+
+    def trainer_objective(self):
         """What the trainer optimises (kdforge.distill.trainer.Objective): the loss fields, nothing else."""
         from kdforge.distill.trainer import Objective
 
@@ -191,10 +287,21 @@ class DistillConfig(StageConfig):
                          jsd_beta=self.jsd_beta, skew=self.skew, hidden_loss=self.hidden_loss,
                          hidden_weight=self.hidden_weight, attention_loss=self.attention_loss,
                          attention_weight=self.attention_weight, chunk_size=self.chunk_size,
-                         pack_length=self.pack_length if self.pack else None)
+                         pack_length=self.pack_length if self.pack else None,
+                         consistency_weight=self.consistency.weight, consistency_loss=self.consistency.loss,
+                         perturb=self.consistency.perturb, perturb_p=self.consistency.p,
+                         perturb_sigma=self.consistency.sigma, seed=self.seed)
+
+
+def _varies(sch: Schedule) -> bool:
+    """True when a schedule is above 0 somewhere in training."""
+    values = {"constant": [sch.value], "linear": [sch.start, sch.end], "cosine": [sch.start, sch.end],
+              "step": sch.values}[sch.kind]
+    return any(v > 0 for v in values)
 
 
 LOG_NAME = "train_log.jsonl"
+TERMS = ("loss", "ce", "soft", "hidden", "attention", "consistency")  # each log row's per-token terms
 FILES = {"log": LOG_NAME}  # this stage's layout (meta.json "files"); the HF model files sit beside them
 
 # Resuming continues the optimisation from a checkpoint: only settings that change bookkeeping may
@@ -253,6 +360,10 @@ class _Training:
     micro_per_step: int            # micro-batches per optimizer step over all ranks (accumulation x world)
     pairs: list | None = None      # the teacher's encoding and spans of each conversation (another tokenizer)
     teacher_pad_id: int | None = None
+    convs: list | None = None      # the conversations behind ``data`` (on-policy steps answer their prompts)
+    student_sampler: Any = None    # kdforge.distill.on_policy.StudentSampler when on_policy is above 0
+    cross: Any = None              # the CrossSetup when the tokenizers differ
+    batcher: Any = None            # preference objectives: example indices -> (micro-batches, divergence per batch)
 
 
 def run(cfg: DistillConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
@@ -325,7 +436,8 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
         # point is to fit a small machine, i.e. training from a label cache.
         return_freed_memory_to_os()
     # Validate data before loading any model: a bad file must fail in seconds.
-    convs = load_training_data(cfg.data)
+    prefs = _load_preferences(cfg) if cfg.objective != "kd" else None
+    convs = load_training_data(cfg.data) if prefs is None else None
     par, micro_per_step = _parallel(cfg)
     device = distributed.init(cfg.device)  # joins the launcher's process group (several processes)
     resume_from = distributed.on_main(_prepare_out, cfg, overwrite, resume)
@@ -333,7 +445,15 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
     torch.manual_seed(cfg.seed)
     cache = SoftLabelCache(cfg.labels) if cfg.labels else None  # checks every shard before any model loads
     student, tok = load_model(cfg.student, device, dtype="float32", trust_remote_code=cfg.trust_remote_code)
-    teacher, vocab, row_of, cross = _teacher_signal(cfg, cache, student, tok, device, par)
+    if cfg.objective in ("dpo", "kto"):
+        from kdforge.data.batching import shared_vocab_size
+
+        teacher, vocab, row_of, cross = None, shared_vocab_size(tok, student), None, None
+    else:
+        teacher, vocab, row_of, cross = _teacher_signal(cfg, cache, student, tok, device, par)
+        if cfg.objective == "distillm2" and cross is not None:
+            raise ConfigError("objective distillm2 with a student of another tokenizer is not built: use a student "
+                              "that shares the teacher's vocabulary")
     if cfg.attention_loss != "none":
         student.set_attn_implementation("eager")
 
@@ -346,12 +466,16 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
                               f"{cfg.labels}; label the same split of the same data")
         return [row_of[c.id] for c in selected]
 
-    data, kept = encode_dataset(tok, select_split(convs, cfg.split), cfg.max_length)
+    if prefs is not None:
+        # Preference items: (chosen, rejected) or (own, mismatched) encodings; `kept` the items themselves.
+        data, kept, val_data, val_kept = _encode_preferences(cfg, tok, prefs)
+    else:
+        data, kept = encode_dataset(tok, select_split(convs, cfg.split), cfg.max_length)
+        val_data, val_kept = (encode_dataset(tok, select_split(convs, "validation", cfg.val_limit), cfg.max_length)
+                              if cfg.eval_every else ([], []))
     if not data:
         raise ConfigError(f"{cfg.data}: no conversation in split '{cfg.split}' has assistant tokens to train on")
     rows = rows_for(kept)
-    val_data, val_kept = (encode_dataset(tok, select_split(convs, "validation", cfg.val_limit), cfg.max_length)
-                          if cfg.eval_every else ([], []))
     val_rows = rows_for(val_kept) if val_data else None
     pairs = val_pairs = None
     if cross is not None:
@@ -363,7 +487,8 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
             print(f"[kdforge] cross-tokenizer distillation ({cfg.cross_tokenizer.loss}): {coverage(pairs)}", flush=True)
     device = next(student.parameters()).device
     # A served teacher has no layers to align to (alignment is refused with it): no map.
-    layer_map = resolve_layer_map(cfg.layer_map, cfg.student, student, teacher.num_layers) if teacher.num_layers else {}
+    layer_map = (resolve_layer_map(cfg.layer_map, cfg.student, student, teacher.num_layers)
+                 if teacher is not None and teacher.num_layers else {})
     projection = None
     if cfg.hidden_loss != "none" and student.config.hidden_size != teacher.hidden_size:
         # Learned map from the student's width to the teacher's; trained with the student, not shipped.
@@ -375,6 +500,8 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
     module.train()
     all_params = params + (list(projection.parameters()) if projection is not None else [])
     root = TargetHidden(module, projection)
+    if prefs is not None and par.active:
+        raise ConfigError(f"objective {cfg.objective} with several processes is not built: run it in one process")
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if par.active:
         # DDP / FSDP2 wrap the module the trainer calls; FSDP2 swaps in sharded parameters, so the
@@ -389,9 +516,28 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
     if par.strategy == "deepspeed":
         root = par.deepspeed_engine(root, opt, micro_per_step // par.world, cfg.batch_size, cfg.max_grad_norm,
                                     use_bf16)
-    distiller = Distiller(cfg.objective(), teacher, module, vocab, layer_map, projection, autocast, par, root, cross)
-    sampler = MicroBatchSampler([len(e.input_ids) for e in data], [c.category for c in kept], cfg.batch_size,
-                                cfg.seed, cfg.category_weights)
+    taid = None
+    if cfg.taid.schedule != "off":
+        if cross is not None:
+            raise ConfigError("taid with a student of another tokenizer is not built: the interpolation needs both "
+                              "distributions over one vocabulary; set taid.schedule off")
+        from kdforge.distill.taid import TaidCoefficient
+
+        x = cfg.taid
+        taid = TaidCoefficient(x.t_start, x.t_end, x.schedule, x.alpha, x.beta)
+    # DPO/KTO have no teacher: their PreferenceDistiller is built below (a Distiller would also make a tied
+    # embedding's gradient sparse, which only its own step turns dense again).
+    distiller = (None if cfg.objective in ("dpo", "kto") else
+                 Distiller(cfg.trainer_objective(), teacher, module, vocab, layer_map, projection, autocast, par, root,
+                           cross, taid))
+    batcher = None
+    if prefs is not None:
+        distiller, batcher, val_batches = _preference_training(cfg, out, tok, module, root, vocab, autocast, distiller,
+                                                               data, kept, val_data, val_kept, resume_from is not None)
+        lengths = [len(a.input_ids) + len(b.input_ids) for a, b in data]
+    else:
+        lengths = [len(e.input_ids) for e in data]
+    sampler = MicroBatchSampler(lengths, [c.category for c in kept], cfg.batch_size, cfg.seed, cfg.category_weights)
 
     start_step, consumed = 0, 0
     log_path = out / LOG_NAME
@@ -417,6 +563,8 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
             if projection is not None:
                 projection.load_state_dict(extra["projection"])
         sched.load_state_dict(extra["scheduler"])
+        if taid is not None and state.get("taid") is not None:
+            taid.load_state_dict(state["taid"])
         start_step, consumed = state["step"], state["consumed_micro_batches"]
         was = state.get("micro_batches_per_step", micro_per_step)
         if was != micro_per_step:
@@ -434,13 +582,117 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
               f"{micro_per_step * cfg.batch_size} = batch_size {cfg.batch_size} x grad_accum "
               f"{micro_per_step // par.world} x world {par.world}", flush=True)
     t_pad = cross.toks.teacher.pad_token_id if cross is not None else None
-    val_batches = [make_batch(val_data[i:i + cfg.batch_size], val_rows[i:i + cfg.batch_size] if val_rows else None,
-                              tok.pad_token_id, val_pairs[i:i + cfg.batch_size] if val_pairs else None, t_pad)
-                   for i in range(0, len(val_data), cfg.batch_size)]
+    if par.active and _varies(cfg.consistency.weight):
+        raise ConfigError("consistency with several processes is not built: its second pass would need its own "
+                          "gradient synchronisation; run it in one process")
+    student_sampler = None
+    if cfg.on_policy_used:
+        if par.shards:
+            raise ConfigError(f"on_policy with distributed.strategy {par.strategy}: sampling runs a different number "
+                              "of forward passes on each rank, and sharded weights are gathered by collectives that "
+                              "every rank must join; use ddp (every rank holds the student)")
+        from kdforge.distill.on_policy import Rollout, StudentSampler
+        from kdforge.models.loading import end_of_turn_ids
+
+        r = cfg.rollout
+        student_sampler = StudentSampler(module, tok, Rollout(r.temperature, r.top_p, r.max_new_tokens, r.batch_size),
+                                         cfg.max_length, cfg.seed, end_of_turn_ids(tok, student))
+    if prefs is None:
+        val_batches = [make_batch(val_data[i:i + cfg.batch_size], val_rows[i:i + cfg.batch_size] if val_rows else None,
+                                  tok.pad_token_id, val_pairs[i:i + cfg.batch_size] if val_pairs else None, t_pad)
+                       for i in range(0, len(val_data), cfg.batch_size)]
     return _Training(cfg, out, tok, module, all_params, projection, opt, sched, distiller,
                      sampler.stream(skip=consumed), data, rows, val_batches, layer_map,
                      sampler.batches_per_epoch() / micro_per_step, start_step, consumed, log_path,
-                     par, root, micro_per_step, pairs, t_pad)
+                     par, root, micro_per_step, pairs, t_pad, kept, student_sampler, cross, batcher)
+
+
+REFERENCE_NAME = "reference_logps.json"  # the DPO/KTO reference's sequence log-probs, made once at set-up
+
+
+def _load_preferences(cfg: DistillConfig) -> dict[str, list]:
+    """The preference items of the train split and the validation split (DPO, DistiLLM-2: pairs; KTO: singles)."""
+    from kdforge.distill.preference_data import load_pairs, load_singles
+
+    load = load_singles if cfg.objective == "kto" else load_pairs
+    rows = load(cfg.data, "all")
+    train = rows if cfg.split == "all" else [r for r in rows if r.split == cfg.split]
+    if not train:
+        raise ConfigError(f"{cfg.data}: no preference {'single' if cfg.objective == 'kto' else 'pair'} in split "
+                          f"'{cfg.split}'; run `kdforge prefs` on data with that split, or set split")
+    val = [r for r in rows if r.split == "validation"][:cfg.val_limit] if cfg.eval_every else []
+    return {"train": train, "validation": val}
+
+
+def _encode_preferences(cfg: DistillConfig, tok, prefs: dict[str, list]):
+    """(train items, their preference records, validation items, theirs); an item is two encodings: chosen and
+    rejected (DPO, DistiLLM-2) or own and mismatched completion (KTO). Items with an answer that kept no token
+    (cut by max_length) are dropped."""
+    from kdforge.distill.preference_step import encode_pairs, encode_singles
+
+    def encode(records: list) -> tuple[list, list]:
+        if not records:
+            return [], []
+        if cfg.objective == "kto":
+            own, shifted = encode_singles(tok, records, cfg.max_length)
+            items = list(zip(own, shifted))
+        else:
+            items = encode_pairs(tok, records, cfg.max_length)
+        keep = [i for i, (a, b) in enumerate(items) if a.num_targets > 0 and b.num_targets > 0]
+        return [items[i] for i in keep], [records[i] for i in keep]
+
+    data, kept = encode(prefs["train"])
+    val_data, val_kept = encode(prefs["validation"])
+    return data, kept, val_data, val_kept
+
+
+def _preference_training(cfg: DistillConfig, out: Path, tok, module, root, vocab: int, autocast, distiller,
+                         data: list, kept: list, val_data: list, val_kept: list, resumed: bool):
+    """The distiller, batcher and validation batches of a preference objective. DPO/KTO: the reference (the
+    student as training starts) scores every sequence once; the scores are kept in the output folder, so a resumed
+    run (whose student has moved) uses the same ones."""
+    from kdforge.artifacts import atomic_write_json
+    from kdforge.distill.preference_step import PreferenceDistiller, PreferenceObjective, batch_for, reference_logps
+    from kdforge.distill.trainer import make_batch
+
+    pad = tok.pad_token_id
+    if cfg.objective == "distillm2":
+        # DistiLLM-2: the teacher scores the chosen answer with skew KL and the rejected one with skew reverse KL.
+        def batcher(idx):
+            chosen = make_batch([data[i][0] for i in idx], None, pad)
+            return [chosen, make_batch([data[i][1] for i in idx], None, pad)], ["skew_kl", "skew_reverse_kl"]
+        val = [make_batch([a for a, _ in val_data[i:i + cfg.batch_size]], None, pad)
+               for i in range(0, len(val_data), cfg.batch_size)]
+        return distiller, batcher, val
+    chunk = cfg.chunk_size or 256
+    pack = cfg.pack_length if cfg.pack else None
+    path = out / REFERENCE_NAME
+    if resumed and path.is_file():
+        refs = json.loads(path.read_text())
+        if len(refs["train"]) != len(data) or len(refs["validation"]) != len(val_data):
+            raise ConfigError(f"{path} scores {len(refs['train'])} items, the data has {len(data)}: resume with the "
+                              "same data, or start a new --out")
+    else:
+        def score(items):
+            flat = [e for pair in items for e in pair]
+            lp = reference_logps(root, module, flat, pad, vocab, chunk, pack, cfg.batch_size)
+            return [[lp[2 * i], lp[2 * i + 1]] for i in range(len(items))]
+        refs = {"train": score(data), "validation": score(val_data)}
+        atomic_write_json(path, refs | {"objective": cfg.objective, "student": cfg.student})
+    p = cfg.preference
+    objective = PreferenceObjective(cfg.objective, p.beta, p.loss_type, p.label_smoothing, p.desirable_weight,
+                                    p.undesirable_weight, p.sft_weight, chunk)
+    kto = cfg.objective == "kto"
+
+    def batch(items, ref_rows, records):
+        return batch_for(cfg.objective, items, ref_rows, pad, [r.desirable for r in records] if kto else None)
+
+    def batcher(idx):
+        return [batch([data[i] for i in idx], [refs["train"][i] for i in idx], [kept[i] for i in idx])], [None]
+
+    val = [batch(val_data[i:i + cfg.batch_size], refs["validation"][i:i + cfg.batch_size],
+                 val_kept[i:i + cfg.batch_size]) for i in range(0, len(val_data), cfg.batch_size)]
+    return PreferenceDistiller(objective, module, root, vocab, pack, autocast), batcher, val
 
 
 def coverage(pairs: list) -> str:
@@ -555,6 +807,7 @@ def _loop(t: _Training) -> int:
 
     from kdforge import distributed
     from kdforge.distill.checkpoint import save_checkpoint, save_sharded_checkpoint
+    from kdforge.distill.on_policy import is_on_policy
     from kdforge.distill.schedules import Progress
     from kdforge.distill.trainer import make_batch, step_totals
 
@@ -568,18 +821,35 @@ def _loop(t: _Training) -> int:
         ts = time.time()
         progress = Progress(step, cfg.max_steps, t.steps_per_epoch)
         # The step's global micro-batches, the same list on every rank; each rank trains its share.
-        micro = []
-        for _ in range(t.micro_per_step):
-            _epoch, idx = next(t.stream)
-            micro.append(make_batch([t.data[i] for i in idx], [t.rows[i] for i in idx] if t.rows else None,
-                                    t.tok.pad_token_id, [t.pairs[i] for i in idx] if t.pairs else None,
-                                    t.teacher_pad_id))
+        indices = [next(t.stream)[1] for _ in range(t.micro_per_step)]
         t.consumed += t.micro_per_step
-        r = t.distiller.step(par.mine(micro), progress, step_totals(micro))
+        on = t.student_sampler is not None and is_on_policy(cfg.seed, step, cfg.on_policy.at(progress))
+        if t.batcher is not None:
+            # Preference data: each item is one micro-batch for DPO/KTO, two (chosen, rejected) for DistiLLM-2.
+            micro, kinds = [], []
+            for idx in indices:
+                got, k = t.batcher(idx)
+                micro, kinds = micro + got, kinds + k
+            r = (t.distiller.step(micro, progress, step_totals(micro), divergence_only=True, kinds=kinds)
+                 if cfg.objective == "distillm2" else t.distiller.step(micro, progress))
+        elif on:
+            # The student answers this rank's prompts now; the token counts that normalise the step are global.
+            micro, gen_tokens, gen_s = _sampled_batches(t, par.mine(indices), step)
+            totals = par.sum_floats(dict(zip(("targets", "tokens"), step_totals(micro))))
+            r = t.distiller.step(micro, progress, (int(totals["targets"]), int(totals["tokens"])),
+                                 divergence_only=True)
+            window["gen_tokens"] = window.get("gen_tokens", 0) + par.sum_floats({"n": gen_tokens})["n"]
+            window["gen_s"] = window.get("gen_s", 0.0) + gen_s
+            window["on_policy_steps"] = window.get("on_policy_steps", 0) + 1
+        else:
+            micro = [make_batch([t.data[i] for i in idx], [t.rows[i] for i in idx] if t.rows else None,
+                                t.tok.pad_token_id, [t.pairs[i] for i in idx] if t.pairs else None, t.teacher_pad_id)
+                     for idx in indices]
+            r = t.distiller.step(par.mine(micro), progress, step_totals(micro))
         grad_norm = par.step(t.root, t.opt, t.params, cfg.max_grad_norm)
         t.sched.step()
         total_targets += r["targets"]
-        for k in ("loss", "ce", "soft", "hidden", "attention"):
+        for k in TERMS:
             window[k] = window.get(k, 0.0) + r[k] * r["targets"]
         window["targets"] = window.get("targets", 0) + r["targets"]
         window["seconds"] = window.get("seconds", 0.0) + time.time() - ts
@@ -587,7 +857,8 @@ def _loop(t: _Training) -> int:
         last = step + 1 == cfg.max_steps
         row: dict[str, Any] = {}
         if (step + 1) % cfg.log_every == 0 or last:
-            row = _log_row(step, progress, t.sched.get_last_lr()[0], r, grad_norm, window)
+            row = _log_row(step, progress, t.sched.get_last_lr()[0], r, grad_norm, window,
+                           on_policy=t.student_sampler is not None) | r.get("extra", {})
             window = {}
             bar.set_postfix(loss=f"{row['loss']:.3f}", soft=f"{row['soft']:.3f}",
                             tok_s=f"{row['target_tokens_per_s']:.0f}")
@@ -604,6 +875,8 @@ def _loop(t: _Training) -> int:
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
             state = {"consumed_micro_batches": t.consumed, "micro_batches_per_step": t.micro_per_step,
                      "world_size": par.world}
+            if getattr(t.distiller, "taid", None) is not None:
+                state["taid"] = t.distiller.taid.state_dict()
             if par.active:
                 save_sharded_checkpoint(t.out, step + 1, state, t.root, t.opt,
                                         {"scheduler": t.sched.state_dict()}, cfg.keep_checkpoints,
@@ -619,16 +892,40 @@ def _loop(t: _Training) -> int:
     return total_targets
 
 
+def _sampled_batches(t: _Training, indices: list[list[int]], step: int) -> tuple[list[dict], int, float]:
+    """This rank's micro-batches of an on-policy step: the student's answers to their prompts, as training
+    batches (the teacher then scores exactly the sampled tokens); generated tokens and seconds."""
+    from kdforge.distill.trainer import make_batch
+
+    micro, tokens, seconds = [], 0, 0.0
+    for idx in indices:
+        got = t.student_sampler.sample(idx, [t.convs[i] for i in idx], step)
+        tokens, seconds = tokens + got.tokens, seconds + got.seconds
+        pairs = None
+        if t.cross is not None:
+            # The teacher reads the sampled answer's text in its own tokenisation; spans line the two up.
+            from kdforge.distill.cross_teacher import encode_pairs
+
+            pairs = encode_pairs(t.cross.toks, got.encoded, got.conversations, t.cfg.max_length)
+        micro.append(make_batch(got.encoded, None, t.tok.pad_token_id, pairs, t.teacher_pad_id))
+    return micro, tokens, seconds
+
+
 def _log_row(step: int, progress, lr: float, r: dict[str, float], grad_norm: float,
-             window: dict[str, float]) -> dict[str, Any]:
-    """One train_log.jsonl row: each term averaged per target token over the steps since the last row."""
+             window: dict[str, float], on_policy: bool = False) -> dict[str, Any]:
+    """One train_log.jsonl row: each term averaged per target token over the steps since the last row; on-policy
+    runs add the steps that sampled, the tokens they generated and the seconds generating took (of ``seconds``)."""
     n = max(window["targets"], 1)
+    sampled = ({"on_policy_steps": int(window.get("on_policy_steps", 0)),
+                "gen_tokens": int(window.get("gen_tokens", 0)), "gen_s": round(window.get("gen_s", 0.0), 4)}
+               if on_policy else {})
     return {"step": step + 1, "epoch": round(progress.epoch, 4), "lr": lr,
-            **{k: window[k] / n for k in ("loss", "ce", "soft", "hidden", "attention")},
-            **{k: r[k] for k in ("temperature", "alpha", "kd_weight", "hidden_weight", "attention_weight")},
+            **{k: window[k] / n for k in TERMS},
+            **{k: r[k] for k in ("temperature", "alpha", "kd_weight", "hidden_weight", "attention_weight",
+                                 "consistency_weight", "taid_t") if k in r},
             "grad_norm": grad_norm, "target_tokens": int(window["targets"]),
             "seconds": round(window["seconds"], 4),
-            "target_tokens_per_s": window["targets"] / max(window["seconds"], 1e-9)}
+            "target_tokens_per_s": window["targets"] / max(window["seconds"], 1e-9)} | sampled
 
 
 def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
@@ -717,6 +1014,7 @@ def _read_log(path: Path) -> list[dict]:
 
 
 STAGES = (Stage("distill", "train the student on teacher answers (online teacher or a label cache)", DistillConfig,
-                run, flags=("teacher", "labels", "student", "data", "out", "max_steps", "batch_size", "lr"),
-                aliases={"max_steps": "steps"},
+                run, flags=("teacher", "labels", "student", "data", "out", "max_steps", "batch_size", "lr",
+                            "self_distill"),
+                aliases={"max_steps": "steps", "self_distill": "self"},
                 options={"resume": "continue from the last checkpoint in --out"}, parallel=True),)
