@@ -8,6 +8,7 @@ markers) for the student.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from kdforge.distill.cross_losses import (
     TeacherFirst,
     dense_teacher,
     hybrid,
+    multi_token_spans,
+    span_binary,
     span_student,
     span_top1,
     uld,
@@ -119,9 +122,96 @@ def test_hybrid_with_identical_tokenizers_is_the_same_tokenizer_divergence(kind)
     vocab = SharedVocab(torch.arange(64), torch.zeros(64, dtype=torch.bool))
     got = hybrid(first, cont, teacher, vocab, kind, beta=0.3, skew=0.2)
     assert torch.equal(got, ref)
+    # multi_token "binary": every span is one token on both sides, so nothing changes (values bitwise).
+    multi = multi_token_spans(9, EMPTY, EMPTY)
+    assert not multi.any()
+    binary = hybrid(first, cont, teacher, vocab, kind, beta=0.3, skew=0.2, multi=multi,
+                    s_own=torch.zeros(9, dtype=torch.long))
+    assert torch.equal(binary, ref)
     ref.sum().backward()
     got.sum().backward()
     torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-6, atol=1e-8)
+
+
+def _paris(p_teacher: float = 0.8):
+    """One span, " Paris": the student writes " Par" + "is" (q = 0.5, then 0.4: Q = 0.2), the teacher " Paris"
+    (p = ``p_teacher``). Student ids [" Par", "is", " Paris", "x"], teacher ids [" Paris", " Par", "is", "y"]."""
+    vocab = SharedVocab(torch.tensor([2, 0, 1, -1]), torch.tensor([False, False, False, True]))
+    q = torch.tensor([[0.5, 0.1, 0.3, 0.1], [0.2, 0.4, 0.2, 0.2]])
+    rest = (1 - p_teacher) / 3
+    p = torch.tensor([[p_teacher, rest, rest, rest]])
+    s = q.log().requires_grad_()
+    actual = torch.tensor([0, 1])
+    first, cont = span_student(F.log_softmax(s, -1), actual, torch.tensor([0]), torch.tensor([1]),
+                               torch.tensor([0]), 1)
+    teacher = dense_teacher(p.log(), torch.tensor([0]), torch.tensor([0]), EMPTY, EMPTY, 1.0)
+    multi = multi_token_spans(1, torch.tensor([0]), EMPTY)
+    return s, first, cont, teacher, vocab, multi, actual
+
+
+def test_binary_multi_token_span_hand_checked():
+    """multi_token binary on a span the two sides cut differently: forward KL over [the span as written, else],
+    P = 0.8 (teacher " Paris"), Q = 0.5 · 0.4 = 0.2 (student " Par" "is"): 0.8 ln 4 + 0.2 ln(1/4) = 0.6 ln 4."""
+    s, first, cont, teacher, vocab, multi, actual = _paris()
+    assert multi.tolist() == [True]
+    got = hybrid(first, cont, teacher, vocab, "forward_kl", multi=multi, s_own=actual[:1])
+    assert got.item() == pytest.approx(0.6 * math.log(4), rel=1e-6)
+    assert span_binary(torch.tensor([0.2]).log(), torch.tensor([0.8]).log()).item() == pytest.approx(
+        0.6 * math.log(4), rel=1e-6)
+    # Without multi the first-token comparison: another value (the bins " Paris" vs " Par" are not one event).
+    old = hybrid(first, cont, teacher, vocab, "forward_kl")
+    assert old.item() != pytest.approx(got.item(), rel=1e-2)
+
+
+def test_binary_multi_token_gradient_follows_the_span_as_written():
+    """First-token comparison: the KD gradient raises the student's " Paris" at the first row, a token its own
+    tokenizer does not write there, against the CE. Binary: the first row's gradient is parallel to the CE's
+    (raise " Par", lower " Paris") while the teacher is surer of the span (P > Q), anti-parallel when it is less
+    sure (P < Q); the continuation row gets a gradient too."""
+    ce_grad = torch.tensor([0.5, 0.1, 0.3, 0.1]) - torch.tensor([1.0, 0, 0, 0])  # d CE / d logits, first row
+    s, first, cont, teacher, vocab, multi, actual = _paris()
+    hybrid(first, cont, teacher, vocab, "forward_kl", uld_weight=0.0).sum().backward()
+    assert s.grad[0, 2] < 0 < ce_grad[2]  # old: pushes " Paris" up, CE pushes it down
+    for p_teacher, sign in ((0.8, 1.0), (0.1, -1.0)):
+        s, first, cont, teacher, vocab, multi, actual = _paris(p_teacher)
+        hybrid(first, cont, teacher, vocab, "forward_kl", multi=multi, s_own=actual[:1]).sum().backward()
+        assert F.cosine_similarity(s.grad[0], sign * ce_grad, dim=0) == pytest.approx(1.0, abs=1e-6)
+        assert sign * s.grad[0, 0] < 0 and sign * s.grad[0, 2] > 0
+        assert sign * s.grad[1, 1] < 0  # "is" after " Par": raised when the teacher is surer of the span
+
+
+def test_binary_cached_teacher_equals_live():
+    """multi_token binary through cross_terms: a cache holding the whole teacher vocabulary (and the written
+    tokens' log-probs) gives the live teacher's loss and gradients; spans of 2:1, 1:1 and 1:2 tokens."""
+    from kdforge.distill.cross_losses import CrossObjective, cross_terms
+    from kdforge.distill.cross_teacher import CrossSignal
+    from kdforge.distill.cross_tokenizer import span_index
+    from kdforge.distill.losses import SparseSignal
+    from kdforge.softlabels.format import LOG_TAIL_FLOOR
+
+    g = torch.Generator().manual_seed(11)
+    v_s, v_t = 12, 10
+    vocab = SharedVocab(torch.tensor([0, 1, 2, 3, 4, 5, -1, -1, 6, 7]), torch.arange(v_s) >= 8)
+    index = span_index([[Span(0, 2, 0, 1), Span(2, 3, 1, 2), Span(3, 4, 2, 4)]], [4], [4])
+    s_logits, t_logits = torch.randn(4, v_s, generator=g), torch.randn(4, v_t, generator=g) * 2
+    s_targets, t_actual = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 8])
+    lp = F.log_softmax(t_logits, -1)
+    top, ids = lp.sort(-1, descending=True)
+    cached = SparseSignal(ids, top, torch.full((4,), LOG_TAIL_FLOOR))
+    obj = CrossObjective(multi_token="binary")
+    out = []
+    for teacher, own in ((t_logits, None), (cached, lp.gather(1, t_actual[:, None])[:, 0])):
+        x = s_logits.clone().requires_grad_()
+        terms = cross_terms(x, s_targets, 0, CrossSignal(teacher, t_actual, own, index), vocab, v_t, 0.5, 2.0, obj)
+        terms["loss"].backward()
+        out.append((terms["soft"], x.grad))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-5, atol=1e-6)
+    # Only the 1:1 span is scored by the shared bins: binary differs from first_token on the others.
+    x = s_logits.clone()
+    old = cross_terms(x, s_targets, 0, CrossSignal(t_logits, t_actual, None, index), vocab, v_t, 0.5, 2.0,
+                      CrossObjective())["soft"]
+    assert not torch.allclose(old, out[0][0])
 
 
 def test_hybrid_unshared_tokens_use_uld_and_spans_continue():
@@ -227,7 +317,8 @@ def test_alignment_losses_are_refused_across_tokenizers(tmp_path, toks):
         _distill(paths, tmp_path / "x", teacher=paths["teacher"], hidden_loss="cosine")
 
 
-def test_trainer_cross_path_with_one_tokenizer_equals_the_same_tokenizer_path(tokenizer):
+@pytest.mark.parametrize("multi_token", ["first_token", "binary"])
+def test_trainer_cross_path_with_one_tokenizer_equals_the_same_tokenizer_path(tokenizer, multi_token):
     """The whole trainer step (chunking at span boundaries, CE, T², normalisation) through the cross-tokenizer
     path with teacher tokenizer = student tokenizer gives the same-tokenizer step's losses and gradients."""
     from kdforge.data.formats import Conversation
@@ -250,7 +341,8 @@ def test_trainer_cross_path_with_one_tokenizer_equals_the_same_tokenizer_path(to
         setup = None
         pairs = None
         if cross:
-            setup = CrossSetup(Tokenizers.of(tokenizer, tokenizer), len(tokenizer), CrossObjective())
+            setup = CrossSetup(Tokenizers.of(tokenizer, tokenizer), len(tokenizer),
+                               CrossObjective(multi_token=multi_token))
             live = CrossTeacher(live, setup.toks)
             pairs = encode_pairs(setup.toks, encs, convs, 64)
             assert all(len(p.spans) == p.s_targets for p in pairs)

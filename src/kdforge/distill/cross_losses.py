@@ -19,6 +19,18 @@ token loss; at temperature T both sides' log-probs are taken at T, and the objec
           (teacher tokens with no student counterpart against student tokens with no teacher one),
           weighted by ``uld_weight``. With identical tokenizers every token is shared, every span is one
           token and the rest bins are empty: the hybrid loss is the same-tokenizer divergence (a test).
+
+Multi-token spans (``CrossObjective.multi_token``). The shared bins are the same event on both sides only
+when each side spells the span with one token. In a span one side cuts more finely (student " Par"+"is",
+teacher " Paris") the teacher's first-token mass sits on " Paris", a token the student's own tokenizer does
+not emit there, while its bin " Par" holds the student's probability of the span as the student writes it:
+the first-token comparison pushes the student's first token toward " Paris" and the CE toward " Par".
+  first_token  (default) the span distributions above, on every span.
+  binary       on spans where either side has more than one token, the divergence over the two events
+               both sides really share: the span as written, P = Π_j p_j(t_j) and Q = Π_i q_i(s_i) (each
+               side's own tokens), against anything else, bins [log P, log(1 − P)] vs [log Q, log(1 − Q)];
+               no ULD there. One-token spans keep the shared-vocabulary divergence (and ULD), so with
+               identical tokenizers (every span one token) it is the same-tokenizer divergence exactly.
 The cached teacher gives only its top-k at a span's first token (plus the tail mass): then the shared
 bins are the top-k's shared ids and the tail counts as unshared mass.
 """
@@ -51,6 +63,7 @@ class TeacherFirst:
     ids: Tensor | None      # (M, K) or None
     tail: Tensor            # (M,) probability mass outside ``ids`` (0 for a dense teacher)
     cont: Tensor            # (M,) log-probability of the span's later tokens
+    own: Tensor | None = None  # (M,) log-probability of the span's first token as written (multi_token binary)
 
 
 def span_student(s_logp: Tensor, s_actual: Tensor, first: Tensor, later: Tensor, later_span: Tensor,
@@ -72,16 +85,20 @@ def dense_teacher(t_logits: Tensor, t_actual: Tensor, first: Tensor, later: Tens
         z = t_logits[later].float() / temperature  # (Lt, V_t)
         own = z.gather(1, t_actual[later][:, None])[:, 0] - torch.logsumexp(z, dim=-1)
         cont = cont.index_add(0, later_span, own)
-    return TeacherFirst(lp_first, None, lp_first.new_zeros(first.numel()), cont)
+    first_own = lp_first.gather(1, t_actual[first][:, None])[:, 0]
+    return TeacherFirst(lp_first, None, lp_first.new_zeros(first.numel()), cont, first_own)
 
 
-def sparse_teacher(ids: Tensor, t_bins: Tensor, later_logp: Tensor, later_span: Tensor) -> TeacherFirst:
+def sparse_teacher(ids: Tensor, t_bins: Tensor, later_logp: Tensor, later_span: Tensor,
+                   first_logp: Tensor | None = None) -> TeacherFirst:
     """A cached teacher at M spans' first rows: (M, k) ids and (M, k+1) bin log-probs at T (top-k, then the
-    tail: losses.sparse_teacher_logp), and the log-probs at T of the spans' later tokens as written (Lt,)."""
+    tail: losses.sparse_teacher_logp), the log-probs at T of the spans' later tokens as written (Lt,) and,
+    if known, of their first tokens as written (M,)."""
     cont = t_bins.new_zeros(ids.shape[0])
     if later_logp.numel():
         cont = cont.index_add(0, later_span, later_logp.float())
-    return TeacherFirst(t_bins[:, :-1], ids, t_bins[:, -1].exp(), cont)
+    return TeacherFirst(t_bins[:, :-1], ids, t_bins[:, -1].exp(), cont,
+                        None if first_logp is None else first_logp.float())
 
 
 def _sorted_l1(p: Tensor, q: Tensor, p_total: Tensor, q_total: Tensor, k: int) -> Tensor:
@@ -101,10 +118,41 @@ def uld(s_first: Tensor, s_cont: Tensor, t: TeacherFirst, top_k: int = 64) -> Te
     return _sorted_l1(p, q, t_scale * (t.logp.exp().sum(-1) + t.tail), s_scale * s_first.exp().sum(-1), top_k)
 
 
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 − e^x) for x ≤ 0, floored like the rest bins (no inf reaches a gradient)."""
+    return torch.where(x > -0.693, torch.log((-torch.expm1(x)).clamp(min=_FLOOR)),
+                       torch.log1p(-x.clamp(max=-0.693).exp()))
+
+
+def span_binary(s_span: Tensor, t_span: Tensor, kind: str = "forward_kl", beta: float = 0.5,
+                skew: float = 0.1) -> Tensor:
+    """The divergence ``kind`` over the two events [the span as written, anything else], from each side's
+    log-probability of the span in its own tokens (M,), (M,). -> (M,)"""
+    fn = divergence_fn(kind, beta, skew)
+    s_span, t_span = s_span.clamp(max=0.0), t_span.clamp(max=0.0)
+    return fn(torch.stack([s_span, _log1mexp(s_span)], -1), torch.stack([t_span, _log1mexp(t_span)], -1))
+
+
 def hybrid(s_first: Tensor, s_cont: Tensor, t: TeacherFirst, vocab: SharedVocab, kind: str = "forward_kl",
-           beta: float = 0.5, skew: float = 0.1, uld_weight: float = 1.0, top_k: int = 64) -> Tensor:
+           beta: float = 0.5, skew: float = 0.1, uld_weight: float = 1.0, top_k: int = 64,
+           multi: Tensor | None = None, s_own: Tensor | None = None) -> Tensor:
     """The divergence ``kind`` over [shared tokens..., the rest] plus ``uld_weight`` · ULD of the unshared
-    tokens, per span. (M, V_s) student first-token log-probs, (M,) continuation, the teacher. -> (M,)"""
+    tokens, per span. (M, V_s) student first-token log-probs, (M,) continuation, the teacher. -> (M,)
+
+    ``multi`` (M,) bool: spans either side spells with several tokens, scored instead by :func:`span_binary`
+    (the span as written vs not; multi_token "binary"); ``s_own`` (M,): the student's first tokens as
+    written (ids), needed with ``multi``, as is the teacher's ``own``."""
+    d = _hybrid_first(s_first, s_cont, t, vocab, kind, beta, skew, uld_weight, top_k)
+    if multi is None or not bool(multi.any()):
+        return d
+    if t.own is None or s_own is None:
+        raise ValueError("multi_token binary needs both sides' log-probs of the span's first tokens as written")
+    s_span = s_first.gather(1, s_own[:, None])[:, 0] + s_cont
+    return torch.where(multi, span_binary(s_span, t.own + t.cont, kind, beta, skew), d)
+
+
+def _hybrid_first(s_first: Tensor, s_cont: Tensor, t: TeacherFirst, vocab: SharedVocab, kind: str,
+                  beta: float, skew: float, uld_weight: float, top_k: int) -> Tensor:
     fn = divergence_fn(kind, beta, skew)
     t2s = vocab.t2s.to(s_first.device)
     q = s_first.exp()                                                                  # (M, V_s)
@@ -184,6 +232,10 @@ class CrossObjective:
     skew: float = 0.1
     uld_weight: float = 1.0
     top_k: int = 64
+    multi_token: str = "first_token"  # "first_token" | "binary" (module docstring); spans of several tokens
+
+
+MULTI_TOKEN = ("first_token", "binary")
 
 
 def chunk_spans(signal, r0: int, r1: int) -> tuple[slice, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -213,7 +265,15 @@ def teacher_first(signal, m: slice, t_later: Tensor, t_later_span: Tensor, tempe
     later = t_later.new_zeros(0, dtype=torch.float32) if not t_later.numel() else retemper(
         signal.actual_logp[t_later], torch.cat([t.logprobs[t_later], t.tail_logmass[t_later, None]], dim=-1),
         t.capture_temperature, temperature, t_vocab)
-    return sparse_teacher(t.ids[first], bins, later, t_later_span)
+    own = None if signal.actual_logp is None else retemper(
+        signal.actual_logp[first], torch.cat([t.logprobs[first], t.tail_logmass[first, None]], dim=-1),
+        t.capture_temperature, temperature, t_vocab)
+    return sparse_teacher(t.ids[first], bins, later, t_later_span, own)
+
+
+def multi_token_spans(m: int, later_span: Tensor, t_later_span: Tensor) -> Tensor:
+    """(M,) bool: the spans either side spells with more than one token (from chunk_spans' later rows)."""
+    return (torch.bincount(later_span, minlength=m) > 0) | (torch.bincount(t_later_span, minlength=m) > 0)
 
 
 def cross_terms(s_logits: Tensor, s_targets: Tensor, r0: int, signal, vocab: SharedVocab, t_vocab: int,
@@ -232,5 +292,10 @@ def cross_terms(s_logits: Tensor, s_targets: Tensor, r0: int, signal, vocab: Sha
         if obj.loss == "uld":
             soft = uld(s_first, s_cont, t, obj.top_k).sum()
         else:
-            soft = hybrid(s_first, s_cont, t, vocab, obj.kind, obj.beta, obj.skew, obj.uld_weight, obj.top_k).sum()
+            if obj.multi_token not in MULTI_TOKEN:
+                raise ValueError(f"multi_token {obj.multi_token!r}: choose one of {', '.join(MULTI_TOKEN)}")
+            multi = (multi_token_spans(first.numel(), later_span, t_later_span)
+                     if obj.multi_token == "binary" else None)
+            soft = hybrid(s_first, s_cont, t, vocab, obj.kind, obj.beta, obj.skew, obj.uld_weight, obj.top_k,
+                          multi, s_targets[first]).sum()
     return {"loss": alpha * ce + (1 - alpha) * temperature ** 2 * soft, "ce": ce, "soft": soft}
