@@ -185,3 +185,33 @@ def test_preference_objectives_refuse_what_they_cannot_use(tmp_path):
     with pytest.raises(ValueError, match="distillm2"):
         DistillConfig(objective="distillm2", labels="l", student="s", data="d")
     DistillConfig(objective="dpo", student="s", data="d")  # no teacher needed
+
+
+def test_the_kd_then_dpo_preset_runs_after_a_kd_run(tokenizer, tmp_path):
+    """configs/kd-then-dpo.yaml as shipped (prefs before distill, DPO on the KD student, eval of both), on tiny
+    stand-ins: only paths and sizes are overridden."""
+    from pathlib import Path
+
+    from kdforge.cli import main
+    from kdforge.stages import plan_file
+
+    from .conftest import save_tiny, write_conversations
+
+    preset = Path(__file__).parent.parent / "configs" / "kd-then-dpo.yaml"
+    stages = {s.name: c for s, c in plan_file(str(preset))}
+    assert list(stages) == ["prefs", "distill", "eval"]
+    assert stages["distill"].objective == "dpo" and stages["distill"].data == stages["prefs"].out
+    assert stages["distill"].student == stages["prefs"].sampler
+    out = tmp_path / "run"
+    data = write_conversations(tmp_path / "data.jsonl", [(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.")
+                                                         for i in range(6)])
+    teacher = save_tiny(tmp_path / "teacher", "llama", tokenizer, seed=3)
+    save_tiny(out / "distill", "llama", tokenizer, seed=4)
+    sets = {"vars.out": out, "vars.teacher": teacher, "prefs.data": data, "eval.data": data, "eval.split": "all",
+            "prefs.max_new_tokens": 8, "prefs.num_samples": 2, "distill.max_steps": 2, "distill.eval_every": 2,
+            "distill.batch_size": 2, "eval.limit": 2, "eval.task_limit": 1, "eval.speed": False,
+            "eval.stability_prompts": 0, "eval.plots": False}
+    assert main(["run", str(preset), *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]]) == 0
+    assert (out / "dpo" / "reference_logps.json").is_file() and (out / "dpo" / "model.safetensors").is_file()
+    names = [r["name"] for r in json.loads((out / "eval-dpo" / "report.json").read_text())["models"]]
+    assert "student (KD + DPO)" in names

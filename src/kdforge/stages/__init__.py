@@ -1,6 +1,8 @@
 """The pipeline's stages, one module each, in flow order: the folder list is the pipeline.
 
-    generate -> label -> student -> distill -> export (+ quantize) -> eval -> serve (+ app, chat)
+    generate -> label -> student -> (prefs) -> distill -> export (+ quantize) -> eval -> serve (+ app, chat)
+    prefs: candidate answers ranked by the teacher, for `distill --objective dpo|kto|distillm2`; it comes before
+    distill so that one run file can rank a trained student's answers and train it on them (configs/kd-then-dpo.yaml)
     plan: the memory every stage needs per device, from config.json files alone (not a step of a run)
     demo: the whole path on the embedded teacher, as one shipped run file (stages/demo.yaml)
 
@@ -21,7 +23,7 @@ from typing import Any
 from kdforge.config import ConfigError, StageConfig, build_config, read_run_file
 
 # Stage modules in flow order; a module may declare several subcommands (export: export, quantize).
-MODULES = ("generate", "label", "student", "distill", "prefs", "export", "eval", "serve", "plan", "demo")
+MODULES = ("generate", "label", "student", "prefs", "distill", "export", "eval", "serve", "plan", "demo")
 
 
 @dataclass(frozen=True)
