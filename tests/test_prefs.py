@@ -419,4 +419,5 @@ def test_the_command_line_and_a_run_file(tiny_llama_dir, teacher_dir, tmp_path):
     f.write_text(f"vars:\n  root: {tmp_path}\ngenerate:\n  model: m\n  out: ${{root}}/g\nprefs:\n  data: ${{root}}/g\n"
                  f"  sampler: s\n  teacher: m\n  out: ${{root}}/prefs\ndistill:\n  student: s\n  data: d.jsonl\n"
                  "  teacher: m\n")
-    assert [s.name for s, _ in plan_file(str(f))] == ["generate", "prefs", "distill"]  # prefs ranks a KD run's student for the DPO distill after it
+    # prefs before distill: it ranks a KD run's student for the DPO distill after it
+    assert [s.name for s, _ in plan_file(str(f))] == ["generate", "prefs", "distill"]
