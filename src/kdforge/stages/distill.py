@@ -71,6 +71,9 @@ class CrossTokenizerSettings(StageConfig):
         "(GOLD); uld: ULD alone (sorted-probability Wasserstein-1, no vocabulary correspondence)")
     uld_weight: float = Field(1.0, ge=0, description="hybrid: weight of ULD on the unshared tokens")
     uld_top_k: int = Field(64, gt=0, description="ranks ULD compares one by one (the rest as one bin)")
+    multi_token: Literal["first_token", "binary"] = Field(
+        "first_token", description="hybrid, spans either side writes with several tokens: first_token compares the "
+        "first tokens' distributions over the shared vocabulary; binary compares P(the span as written) vs not")
 
 
 class RolloutSettings(StageConfig):
@@ -798,7 +801,7 @@ def _cross_setup(cfg: DistillConfig, teacher_tok, student_tok, t_vocab: int):
         raise ConfigError(f"cross-tokenizer distillation: {e}") from None
     x = cfg.cross_tokenizer
     return CrossSetup(toks, t_vocab, CrossObjective(x.loss, cfg.loss, cfg.jsd_beta, cfg.skew, x.uld_weight,
-                                                    x.uld_top_k))
+                                                    x.uld_top_k, x.multi_token))
 
 
 def _loop(t: _Training) -> int:
