@@ -9,11 +9,13 @@ from kdforge.stages.eval import EvalConfig
 from kdforge.stages.export import ExportConfig, QuantizeConfig
 from kdforge.stages.generate import GenerateConfig
 from kdforge.stages.label import LabelConfig
+from kdforge.stages.prefs import PrefsConfig
 from kdforge.stages.student import StudentConfig
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 CLASSES = {"generate": GenerateConfig, "label": LabelConfig, "student": StudentConfig, "distill": DistillConfig,
-           "eval": EvalConfig, "demo": DemoConfig, "export": ExportConfig, "quantize": QuantizeConfig}
+           "eval": EvalConfig, "demo": DemoConfig, "export": ExportConfig, "quantize": QuantizeConfig,
+           "prefs": PrefsConfig}
 
 
 def test_override_parsing():
