@@ -415,3 +415,30 @@ def test_distill_from_the_server_trains_as_from_the_cache(served, tmp_path, toke
     assert [r["soft"] for r in served_rows] == pytest.approx([r["soft"] for r in cache_rows], rel=1e-3)
     assert [r["loss"] for r in served_rows] == pytest.approx([r["loss"] for r in cache_rows], rel=1e-3)
     assert main(["distill", "--teacher", url, "--out", str(tmp_path / "no-tok"), *common]) == 2  # no tokenizer
+
+
+def test_on_policy_distillation_from_the_server(served, tmp_path, tokenizer):
+    """On-policy steps with a served teacher: the student samples, the server scores exactly those tokens (its
+    top-k at every sampled position); the first step samples what a run with the local teacher samples."""
+    from kdforge.cli import main
+
+    from .conftest import save_tiny
+
+    t_dir, _, url = served
+    arch = json.loads((Path(t_dir) / "config.json").read_text())["model_type"]
+    student = save_tiny(tmp_path / "student", arch, tokenizer, seed=3)
+    data = _data(tmp_path)
+    common = ["--student", str(student), "--data", str(data), "--steps", "2", "--batch-size", "2",
+              "--set", "log_every=1", "--set", "device=cpu", "--set", "precision=fp32", "--set", "warmup_steps=0",
+              "--set", "on_policy=1.0", "--set", "rollout.max_new_tokens=6"]
+    assert main(["distill", "--teacher", url, "--set", f"teacher_server.tokenizer={t_dir}",
+                 "--set", "teacher_top_k=16", "--out", str(tmp_path / "served"), *common]) == 0
+    assert main(["distill", "--teacher", str(t_dir), "--out", str(tmp_path / "local"), *common]) == 0
+
+    def rows(name):
+        return [json.loads(x) for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+
+    served_rows, local_rows = rows("served"), rows("local")
+    assert all(r["on_policy_steps"] == 1 and r["gen_tokens"] > 0 and r["soft"] > 0 for r in served_rows)
+    assert served_rows[0]["gen_tokens"] == local_rows[0]["gen_tokens"]
+    assert served_rows[0]["target_tokens"] == local_rows[0]["target_tokens"]
