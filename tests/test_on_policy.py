@@ -154,3 +154,15 @@ def test_on_policy_needs_a_teacher_not_a_cache(tmp_path):
     assert not DistillConfig(teacher="t", student="s", data="d").on_policy_used
     assert DistillConfig(teacher="t", student="s", data="d",
                          on_policy={"kind": "linear", "start": 0.0, "end": 0.5}).on_policy_used
+
+
+def test_on_policy_with_a_student_of_another_tokenizer(tmp_path):
+    """The teacher reads the sampled answer's text in its own tokenisation; the spans line the two up."""
+    from .test_cross_tokenizer import _distill, _tiny_pair
+    from .tokenizer_kit import byte_level_bpe, sentencepiece_bpe
+
+    paths = _tiny_pair(tmp_path, (byte_level_bpe(), sentencepiece_bpe()))
+    rows = _distill(paths, tmp_path / "on", teacher=paths["teacher"], on_policy=1.0, rollout={"max_new_tokens": 8},
+                    temperature=1.0)
+    assert all(r["on_policy_steps"] == 1 and r["gen_tokens"] > 0 and r["alpha"] == 0.0 for r in rows)
+    assert any(r["soft"] > 0 for r in rows)
