@@ -9,11 +9,23 @@ Protocol (every figure is printed in the JSON's "protocol"):
   validation answer may hold a token a trimmed student spells in smaller pieces.
 - (a) SmolLM2-135M-Instruct -> the Gemma 3 270M base model (`embedded:gemma-3-270m`, all 18 layers, its
   262,144-token vocabulary trimmed to the train split: StudentConfig(method="layers", num_layers=18,
-  trim_vocab=...)). Two arms from the same student folder, per seed the same steps, batch, lr and data
-  order (distill's seed; 30 steps x batch 4 = one pass over the 120 conversations): kd = `kdforge distill`
-  from the live teacher with kdforge's loss defaults (alpha 0.5, T 2, forward KL; the cross-tokenizer path
-  with the hybrid loss, found automatically); sft = alpha 1.0 (CE on the same teacher text; the teacher is
-  not run). Batch 4, warmup 10, cosine (the defaults); peak lr --lr-a 3e-5. The first run used kdforge's
+  trim_vocab=...)). Arms (--arms, all by default) from the same student folder, per seed the same steps,
+  batch, lr and data order (distill's seed; 30 steps x batch 4 = one pass over the 120 conversations):
+    * sft = alpha 1.0 (CE on the same teacher text; the teacher is not run);
+    * kd = `kdforge distill` from the live teacher with kdforge's loss defaults (alpha 0.5, T 2, forward
+      KL; the cross-tokenizer path with the hybrid loss, found automatically; multi_token "first_token");
+    * kd_binary = kd with the hybrid's multi_token "binary" (kdforge.distill.cross_losses: on spans either
+      side writes with several tokens, forward KL over [the span as written, anything else] instead of the
+      first-token comparison, which on such spans pulls the student's first token toward the teacher's
+      longer token against the CE);
+    * kd_t1, kd_binary_t1 = the same two at T 1.
+  History, so that no arm is read as chosen after the fact: the first comparison had sft and kd only (kd
+  lost bits per byte and task score, won span KL). The multi_token analysis and the kd_binary arm came from
+  that result (a measured gradient conflict, not from tuning on these scores); the T 1 arms were added at the
+  same time, *after* the first result, because kdforge's earlier same-tokenizer studies found forward KL at
+  T 1 best. The protocol (arms, 30 steps, 2 seeds, lr 3e-5) was fixed before any of the new arms ran, and
+  every arm is reported per seed. Batch 4, warmup 10, cosine (the defaults); peak lr --lr-a 3e-5, the same
+  for every arm. The first run used kdforge's
   default 3e-4 (tuned for students cut from the teacher): both arms then ended *worse* than the untrained
   Gemma on bits per byte and span top-1 (untrained 1.096 bpb; sft 1.38-1.45, kd 1.47-1.87 over 3 seeds),
   i.e. it measured how two recipes damage a pre-trained model, so the lr was lowered to a common full
@@ -27,6 +39,10 @@ Protocol (every figure is printed in the JSON's "protocol"):
     * span top-1 agreement and span KL (kdforge.distill.cross_teacher.CrossSetup.evaluate, as distill's
       validation rows: per aligned span, shared-vocabulary forward KL at T=1; checked equal to distill's
       val_kl/val_top1 on the untrained student).
+    * span_kl_one_one / span_kl_multi_binary: span KL split by span kind, over the spans both sides write
+      with one token (the shared-vocabulary KL, well defined there) and, over the other spans, the binary
+      forward KL of the span as written vs not (what kd_binary trains; the span_kl above compares first
+      tokens on them for every arm); share_multi = the share of validation spans that are multi-token.
     * task score: kdforge's task set (kdforge.eval.tasks.run_tasks, greedy, each model with its own
       tokenizer and chat template), the "overall" mean over the same --tasks items of each type (short,
       code) for every model, taken evenly spaced through the bundled file so that every category appears.
@@ -47,10 +63,15 @@ Protocol (every figure is printed in the JSON's "protocol"):
   kept-ids KL (both sides cut to the trimmed arm's kept ids and renormalised); bits per byte; task score.
   Part (b) times things: the CPU use of other processes is sampled before every timed run and reported.
 
-Prints one JSON line: {"a": {"kd", "sft", "kd_wins", "reference", ...}, "b": {...}, "protocol": {...},
-"seconds": ...}; progress goes to stderr.
+Prints one JSON line: {"a": {"means": {arm: ...}, "per_seed", "wins_over_sft", "minus_sft_per_seed",
+"min_max_over_seeds", "reference", "diagnostics_untrained", ...}, "b": {...}, "protocol": {...}, "seconds": ...};
+progress goes to stderr. diagnostics_untrained (before any training, --no-diagnose skips it): on the train
+split in distill's encoding, how many spans either side writes with several tokens and their share of the
+target tokens; on the first 32 train conversations, the cosine between the CE's and the soft loss's
+gradients w.r.t. the untrained student's logits per row kind (kdforge.distill.cross_losses.multi_token),
+and the mass outside the shared bins at one-token spans.
 Usage: python benchmarks/cross_tokenizer.py [--steps 30] [--seeds 2] [--lr-a 3e-5] [--budget-s 60]
-       [--tasks 8] [--skip a|b] [--workdir DIR]
+       [--tasks 8] [--skip a|b] [--arms sft,kd,...] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -140,21 +161,51 @@ def build_student(out: Path, **kw) -> Path:
     return out
 
 
-def distill(out: Path, student: Path, data: Path, reuse: bool = False, **kw) -> dict:
+@contextlib.contextmanager
+def multi_token_default(value: str):
+    """The hybrid loss's multi_token for distill runs inside this block, when DistillConfig has no
+    ``cross_tokenizer.multi_token`` field yet: the stage builds CrossObjective(loss, kind, beta, skew,
+    uld_weight, top_k) by name from kdforge.distill.cross_losses at set-up, so a subclass whose multi_token
+    default is ``value`` stands in for it there, in this process only, for this block only."""
+    from dataclasses import dataclass
+
+    from kdforge.distill import cross_losses
+
+    orig = cross_losses.CrossObjective
+
+    @dataclass(frozen=True)
+    class Objective(orig):
+        multi_token: str = value
+
+    cross_losses.CrossObjective = Objective
+    try:
+        yield
+    finally:
+        cross_losses.CrossObjective = orig
+
+
+def distill(out: Path, student: Path, data: Path, reuse: bool = False, multi_token: str = "first_token",
+            **kw) -> dict:
     """A `kdforge distill` run from the live teacher; its meta.json metrics. ``reuse``: a finished run with the
-    same settings in ``out`` is not trained again."""
+    same settings in ``out`` is not trained again. ``multi_token``: the hybrid loss's (cross_losses)."""
     from kdforge.config import dump
-    from kdforge.stages.distill import DistillConfig
+    from kdforge.stages.distill import CrossTokenizerSettings, DistillConfig
     from kdforge.stages.distill import run as run_distill
 
+    has_field = "multi_token" in CrossTokenizerSettings.model_fields
     kw = {"loss": "forward_kl", "temperature": 2.0, "batch_size": 4, "lr": 3e-4, "max_length": MAX_LENGTH} | kw
+    if has_field:
+        kw["cross_tokenizer"] = {"multi_token": multi_token}
     cfg = DistillConfig(teacher=TEACHER, student=str(student), data=str(data), out=str(out), **kw)
-    stamp, want = out / "bench_config.json", json.dumps(dump(cfg), sort_keys=True, default=str)
+    settings = dump(cfg)
+    settings.setdefault("cross_tokenizer", {})["multi_token"] = multi_token  # the same stamp either way
+    stamp, want = out / "bench_config.json", json.dumps(settings, sort_keys=True, default=str)
     if reuse and (out / "meta.json").is_file() and stamp.is_file() and stamp.read_text() == want:
         log(f"distill {out.name}: reusing the finished run")
         return json.loads((out / "meta.json").read_text())["metrics"]
-    log(f"distill {out.name}: {cfg.max_steps} steps")
-    with stdout_to_stderr():
+    log(f"distill {out.name}: {cfg.max_steps} steps, multi_token {multi_token}")
+    patch = contextlib.nullcontext() if has_field or multi_token == "first_token" else multi_token_default(multi_token)
+    with stdout_to_stderr(), patch:
         metrics = run_distill(cfg, overwrite=True)
     stamp.write_text(want)
     return metrics
@@ -227,14 +278,17 @@ class CrossEval:
         from kdforge.distill.cross_teacher import CrossSignal, batch_index
         from kdforge.models.forward import target_logits
 
-        nll = kl = top1 = 0.0
-        spans = n_bytes = checked = 0
+        nll = kl = top1 = kl_one = kl_multi = 0.0
+        spans = n_bytes = checked = n_multi = 0
         for j, b in enumerate(self.batches):
             s_logits, targets = target_logits(student, b["input_ids"], b["attention_mask"], b["labels"],
                                               self.s_vocab, PACK)
             t_logits, t_targets = self.teacher[j]
-            k, t1, n = self.setup.evaluate(s_logits, targets, CrossSignal(t_logits, t_targets, None, batch_index(b)))
+            signal = CrossSignal(t_logits, t_targets, None, batch_index(b))
+            k, t1, n = self.setup.evaluate(s_logits, targets, signal)
             kl, top1, spans = kl + k, top1 + t1, spans + n
+            one, multi, nm = self.by_span_kind(s_logits, targets, signal)
+            kl_one, kl_multi, n_multi = kl_one + one, kl_multi + multi, n_multi + nm
             # Per conversation: the answer's bytes and whether the scored tokens spell exactly them.
             counts = (b["labels"][:, 1:] != -100).sum(1).tolist()
             start = 0
@@ -244,8 +298,32 @@ class CrossEval:
                 nll, n_bytes, checked = nll + x, n_bytes + len(want), checked + (spelled == want)
                 start += c
         return {"bpb": nll / (math.log(2) * n_bytes), "span_top1": top1 / max(spans, 1),
-                "span_kl": kl / max(spans, 1), "spans": spans, "bytes": n_bytes,
-                "bytes_checked": f"{checked}/{len(self.convs)}"}
+                "span_kl": kl / max(spans, 1), "span_kl_one_one": kl_one / max(spans - n_multi, 1),
+                "span_kl_multi_binary": kl_multi / max(n_multi, 1), "share_multi": n_multi / max(spans, 1),
+                "spans": spans, "bytes": n_bytes, "bytes_checked": f"{checked}/{len(self.convs)}"}
+
+    def by_span_kind(self, s_logits, targets, signal) -> tuple[float, float, int]:
+        """At T=1: Σ shared-vocabulary forward KL over the spans both sides write with one token, Σ binary
+        forward KL (span as written vs not) over the others, and how many others there are."""
+        from kdforge.distill.cross_losses import (
+            chunk_spans,
+            hybrid,
+            multi_token_spans,
+            span_binary,
+            span_student,
+            teacher_first,
+        )
+
+        m, first, later, later_span, t_later, t_later_span = chunk_spans(signal, 0, s_logits.shape[0])
+        if not first.numel():
+            return 0.0, 0.0, 0
+        s_first, s_cont = span_student(F.log_softmax(s_logits.float(), dim=-1), targets, first, later, later_span,
+                                       first.numel())
+        t = teacher_first(signal, m, t_later, t_later_span, 1.0, self.setup.t_vocab)
+        multi = multi_token_spans(first.numel(), later_span, t_later_span)
+        kl = hybrid(s_first, s_cont, t, self.setup.vocab, "forward_kl", uld_weight=0.0)
+        binary = span_binary(s_first.gather(1, targets[first][:, None])[:, 0] + s_cont, t.own + t.cont)
+        return float(kl[~multi].sum()), float(binary[multi].sum()), int(multi.sum())
 
 
 @torch.inference_mode()
@@ -339,11 +417,118 @@ def mean_of(rows: list[dict], keys) -> dict:
     return {k: round(statistics.fmean(r[k] for r in rows), 4) for k in keys if all(r.get(k) is not None for r in rows)}
 
 
+@torch.no_grad()
+def span_kinds(toks, s_tok, convs: list, max_length: int) -> tuple[dict, list, list]:
+    """How many aligned spans either side writes with several tokens, and their share of each side's target
+    tokens, in distill's encoding (``max_length``); and the student encodings and pairs."""
+    from kdforge.data.chat import encode_conversation
+    from kdforge.distill.cross_teacher import encode_pairs
+
+    s_encs = [encode_conversation(s_tok, c.messages, max_length) for c in convs]
+    pairs = encode_pairs(toks, s_encs, convs, max_length)
+    n = dict.fromkeys(("spans", "one_one", "multi", "student_multi", "teacher_multi", "both_multi", "s_tokens",
+                       "s_in_spans", "s_in_multi", "t_tokens", "t_in_multi"), 0)
+    for p in pairs:
+        n["s_tokens"] += p.s_targets
+        n["t_tokens"] += p.t_targets
+        for sp in p.spans:
+            if sp.s1 > p.s_targets or sp.t1 > p.t_targets:
+                continue
+            a, b = sp.s1 - sp.s0, sp.t1 - sp.t0
+            n["spans"] += 1
+            n["s_in_spans"] += a
+            if a == 1 and b == 1:
+                n["one_one"] += 1
+                continue
+            n["multi"] += 1
+            n["s_in_multi"] += a
+            n["t_in_multi"] += b
+            n["student_multi"] += a > 1
+            n["teacher_multi"] += b > 1
+            n["both_multi"] += a > 1 and b > 1
+    n |= {"multi_share_of_spans": round(n["multi"] / max(n["spans"], 1), 4),
+          "student_tokens_in_multi_share": round(n["s_in_multi"] / max(n["s_tokens"], 1), 4),
+          "teacher_tokens_in_multi_share": round(n["t_in_multi"] / max(n["t_tokens"], 1), 4),
+          "student_tokens_in_spans_share": round(n["s_in_spans"] / max(n["s_tokens"], 1), 4)}
+    return n, s_encs, pairs
+
+
+def gradient_conflict(teacher, t_tok, student, s_tok, convs: list, n_convs: int = 32, batch: int = 8) -> dict:
+    """The untrained student on the first ``n_convs`` train conversations (distill's encoding): the cosine between
+    the CE's gradient and the soft loss's gradient w.r.t. the student's logits, per target row, by row kind
+    (the first token of a 1:1 span; of a multi-token span; a later token of a multi-token span), for
+    multi_token first_token and binary at T 2 and 1; mean row cosine, share of rows with cosine < 0, and the
+    cosine of the kind's stacked gradients. Also the probability mass outside the shared bins at 1:1 spans."""
+    from kdforge.distill.cross_losses import CrossObjective, chunk_spans, cross_terms, multi_token_spans
+    from kdforge.distill.cross_teacher import CrossSignal, Tokenizers, batch_index
+    from kdforge.distill.losses import hard_ce
+    from kdforge.distill.trainer import make_batch
+    from kdforge.models.forward import target_logits
+
+    toks = Tokenizers.of(t_tok, s_tok)
+    kinds_train, s_encs, pairs = span_kinds(toks, s_tok, convs, MAX_LENGTH)
+    kinds = ("one_one_first", "multi_first", "multi_later")
+    acc: dict = {}
+    mass = {T: [0.0, 0.0, 0] for T in (1.0, 2.0)}
+    t2s = toks.vocab.t2s
+    for i in range(0, min(n_convs, len(convs)), batch):
+        b = make_batch(s_encs[i:i + batch], None, s_tok.pad_token_id, pairs[i:i + batch], t_tok.pad_token_id)
+        with torch.no_grad():
+            s_logits, targets = target_logits(student, b["input_ids"], b["attention_mask"], b["labels"], len(s_tok),
+                                              PACK)
+            t_logits, t_targets = target_logits(teacher, b["t_input_ids"], b["t_attention_mask"], b["t_labels"],
+                                                len(t_tok), PACK)
+        signal = CrossSignal(t_logits, t_targets, None, batch_index(b))
+        n = s_logits.shape[0]
+        _, first, later, later_span, _, t_later_span = chunk_spans(signal, 0, n)
+        multi = multi_token_spans(first.numel(), later_span, t_later_span)
+        kind = torch.full((n,), -1)
+        kind[first[~multi]], kind[first[multi]], kind[later] = 0, 1, 2
+        for T in mass:
+            tp = F.softmax(t_logits[signal.index.t_first[~multi]].float() / T, -1)
+            sp = F.softmax(s_logits[first[~multi]].float() / T, -1)
+            mass[T][0] += float(tp[:, t2s < 0].sum())
+            mass[T][1] += float(sp[:, toks.vocab.s_unmapped].sum())
+            mass[T][2] += int((~multi).sum())
+        x = s_logits.detach().float().requires_grad_()
+        g_ce = torch.autograd.grad(hard_ce(x, targets).sum(), x)[0]
+        for T in (2.0, 1.0):
+            for mt in ("first_token", "binary"):
+                soft = cross_terms(x, targets, 0, signal, toks.vocab, len(t_tok), 0.0, T,
+                                   CrossObjective(multi_token=mt))["soft"]
+                g_kd = torch.autograd.grad(soft, x)[0]
+                cos = F.cosine_similarity(g_ce, g_kd, dim=-1)
+                for k, name in enumerate(kinds):
+                    sel = kind == k
+                    a = acc.setdefault(f"T{T:g}/{mt}/{name}", [0.0, 0, 0, 0.0, 0.0, 0.0])
+                    a[0] += float(cos[sel].sum())
+                    a[1] += int(sel.sum())
+                    a[2] += int((cos[sel] < 0).sum())
+                    a[3] += float((g_ce[sel] * g_kd[sel]).sum())
+                    a[4] += float((g_ce[sel] ** 2).sum())
+                    a[5] += float((g_kd[sel] ** 2).sum())
+        log(f"a: gradient conflict, conversations {i}..{i + batch}")
+    return {"spans_train": kinds_train,
+            "grad_cosine": {k: {"rows": a[1], "mean_row_cos": round(a[0] / max(a[1], 1), 4),
+                                "share_rows_cos_below_0": round(a[2] / max(a[1], 1), 4),
+                                "stacked_cos": round(a[3] / max(math.sqrt(a[4] * a[5]), 1e-30), 4)}
+                            for k, a in acc.items()},
+            "one_one_mass_outside_shared_bins": {f"T{T:g}": {"teacher_unshared": round(m[0] / max(m[2], 1), 4),
+                                                             "student_unmapped": round(m[1] / max(m[2], 1), 4)}
+                                                 for T, m in mass.items()},
+            "shared_vocab": {"shared": toks.vocab.size, "teacher": len(t_tok), "student": len(s_tok)},
+            "n_convs": min(n_convs, len(convs))}
+
+
 # ---------------------------------------------------------------- (a) and (b)
 
-A_MEASURES = ("bpb", "span_top1", "span_kl", "task")
+A_MEASURES = ("bpb", "span_top1", "span_kl", "span_kl_one_one", "span_kl_multi_binary", "task")
 BETTER = {"bpb": lambda a, b: a < b, "span_top1": lambda a, b: a > b, "span_kl": lambda a, b: a < b,
+          "span_kl_one_one": lambda a, b: a < b, "span_kl_multi_binary": lambda a, b: a < b,
           "task": lambda a, b: a > b}
+# name: (alpha, temperature, the hybrid's multi_token); sft's T is unused (alpha 1: no soft loss)
+A_ARMS = {"sft": (1.0, 2.0, "first_token"), "kd": (0.5, 2.0, "first_token"), "kd_binary": (0.5, 2.0, "binary"),
+          "kd_t1": (0.5, 1.0, "first_token"), "kd_binary_t1": (0.5, 1.0, "binary")}
 
 
 def part_a(args, root: Path, data: Path, trim: Path, val: list, items: list) -> dict:
@@ -358,16 +543,24 @@ def part_a(args, root: Path, data: Path, trim: Path, val: list, items: list) -> 
     reference = {"gemma_untrained": rounded(ev.score(model) | task_score(model, s_tok, items)),
                  "teacher": rounded(own_bpb(teacher, t_tok, val) | task_score(teacher, t_tok, items))}
     log(f"a: reference {reference}")
+    diagnostics = None
+    if args.diagnose:
+        from kdforge.data.formats import load_training_data, select_split
+
+        diagnostics = gradient_conflict(teacher, t_tok, model, s_tok, select_split(load_training_data(data), "train"))
+        log(f"a: diagnostics {json.dumps(diagnostics)}")
     del model
-    key = {"data": str(data), "val": [c.id for c in val], "tasks": [it.id for it in items]}
+    key = {"data": str(data), "val": [c.id for c in val], "tasks": [it.id for it in items], "scores": 2}
     per_seed = []
+    arms = args.arms
     for seed in range(args.seeds):
         row: dict = {"seed": seed}
         tokens = {}
-        for name, alpha in (("sft", 1.0), ("kd", 0.5)):
+        for name in arms:
+            alpha, temperature, multi_token = A_ARMS[name]
             out = root / f"ct-a-{name}-seed{seed}"
-            m = distill(out, student, data, reuse=True, alpha=alpha, max_steps=args.steps, lr=args.lr_a, seed=seed,
-                        log_every=10)
+            m = distill(out, student, data, reuse=True, alpha=alpha, temperature=temperature, multi_token=multi_token,
+                        max_steps=args.steps, lr=args.lr_a, seed=seed, log_every=10)
             tokens[name] = m["target_tokens_this_run"]
 
             def compute(out=out):
@@ -375,17 +568,23 @@ def part_a(args, root: Path, data: Path, trim: Path, val: list, items: list) -> 
                 return rounded(ev.score(model) | task_score(model, tok, items))
             row[name] = cached_scores(out, key, compute) | {"train_wall_s": m["wall_time_s"]}
             log(f"a seed {seed} {name}: {row[name]}")
-        # The same seed gives both arms the same data order, hence the same target tokens.
-        assert tokens["kd"] == tokens["sft"], f"seed {seed}: the arms saw different target tokens {tokens}"
-        row["target_tokens"] = tokens["kd"]
+        # The same seed gives every arm the same data order, hence the same target tokens.
+        assert len(set(tokens.values())) == 1, f"seed {seed}: the arms saw different target tokens {tokens}"
+        row["target_tokens"] = tokens[arms[0]]
         per_seed.append(row)
     ev.teacher = []  # free the teacher's logits before part (b)
-    wins = {k: f"{sum(BETTER[k](r['kd'][k], r['sft'][k]) for r in per_seed)}/{len(per_seed)}"
-            for k in A_MEASURES if all(k in r["kd"] for r in per_seed)}
-    diff = {k: [round(r["kd"][k] - r["sft"][k], 4) for r in per_seed] for k in A_MEASURES if k in per_seed[0]["kd"]}
-    return {"kd": mean_of([r["kd"] for r in per_seed], A_MEASURES),
-            "sft": mean_of([r["sft"] for r in per_seed], A_MEASURES),
-            "kd_wins": wins, "kd_minus_sft_per_seed": diff, "per_seed": per_seed, "reference": reference,
+    kd_arms = [a for a in arms if a != "sft"] if "sft" in arms else []
+    wins = {a: {k: f"{sum(BETTER[k](r[a][k], r['sft'][k]) for r in per_seed)}/{len(per_seed)}"
+                for k in A_MEASURES if all(k in r[a] for r in per_seed)} for a in kd_arms}
+    diff = {a: {k: [round(r[a][k] - r["sft"][k], 4) for r in per_seed] for k in A_MEASURES if k in per_seed[0][a]}
+            for a in kd_arms}
+    spread = {a: {k: [min(r[a][k] for r in per_seed), max(r[a][k] for r in per_seed)] for k in A_MEASURES
+                  if k in per_seed[0][a]} for a in arms}
+    return {"means": {a: mean_of([r[a] for r in per_seed], A_MEASURES) for a in arms},
+            "min_max_over_seeds": spread, "arms": {a: dict(zip(("alpha", "temperature", "multi_token"), A_ARMS[a]))
+                                                  for a in arms},
+            "wins_over_sft": wins, "minus_sft_per_seed": diff, "per_seed": per_seed, "reference": reference,
+            "diagnostics_untrained": diagnostics,
             "student": {"path": str(student), "layers": 18, "params": meta["student_params"],
                         "vocab": [meta.get("vocab_size_before"), meta.get("vocab_size_after")],
                         "embedding_params": [meta.get("embedding_params_before"), meta.get("embedding_params_after")],
@@ -402,7 +601,11 @@ def part_b(args, root: Path, data: Path, trim: Path, val: list, items: list) -> 
     log(f"b: other processes use {busy[0]} cores now")
     arms = {"untrimmed": build_student(root / "ct-b-demo20", teacher=TEACHER, method="depth", num_layers=20),
             "trimmed": build_student(root / "ct-b-demo20-trimmed", teacher=TEACHER, method="depth", num_layers=20,
-                                     trim_vocab=str(trim))}
+                                     trim_vocab=str(trim)),
+            # Trimmed to all the data, the held-out answers included (as `kdforge student --trim-vocab GENERATE_DIR`
+            # does): an optimistic bound, the validation text then tokenises exactly as the teacher's.
+            "trimmed_all": build_student(root / "ct-b-demo20-trimmed-all", teacher=TEACHER, method="depth",
+                                         num_layers=20, trim_vocab=str(data))}
     calib = {}
     for name, student in arms.items():
         out = root / f"ct-b-calib-{name}"
@@ -412,7 +615,8 @@ def part_b(args, root: Path, data: Path, trim: Path, val: list, items: list) -> 
     steps = {name: max(1, round(args.budget_s / s)) for name, s in calib.items()}
     log(f"b: calibrated seconds/step {calib} -> steps {steps}")
     teacher, t_tok = load(TEACHER)
-    kept = torch.tensor(read_vocab_map(str(arms["trimmed"])), dtype=torch.long)
+    kept = {name: torch.tensor(read_vocab_map(str(arms[name])), dtype=torch.long)
+            for name in arms if name != "untrimmed"}
     res = {}
     for name, student in arms.items():
         out = root / f"ct-b-{name}"
@@ -420,9 +624,8 @@ def part_b(args, root: Path, data: Path, trim: Path, val: list, items: list) -> 
         m = distill(out, student, data, alpha=0.5, max_steps=steps[name], seed=0, log_every=1)
         secs = step_seconds(out)
         model, tok = load(str(out))
-        trimmed = name == "trimmed"
-        scores = same_scores(model, tok, teacher, t_tok, val, kept if trimmed else None,
-                             None if trimmed else kept)
+        scores = same_scores(model, tok, teacher, t_tok, val, kept.get(name),
+                             kept["trimmed"] if name == "untrimmed" else None)
         res[name] = rounded({"params": count_parameters(model), "embedding_params": embedding_parameters(model),
                              "vocab": len(tok), "steps": steps[name], "calib_step_s": calib[name],
                              "mean_step_s": statistics.fmean(secs), "train_s": sum(secs),
@@ -432,9 +635,12 @@ def part_b(args, root: Path, data: Path, trim: Path, val: list, items: list) -> 
         del model
     busy.append(others_cpu(1.0))
     return res | {"budget_s": args.budget_s, "others_cpu_cores": busy,
-                  "train_s_trimmed_over_untrimmed": round(res["trimmed"]["train_s"] / res["untrimmed"]["train_s"], 3),
-                  "note": "kl/top1 of the trimmed arm: teacher cut to its kept ids, renormalised; untrimmed: full "
-                          "vocabulary, and kl_kept/top1_kept with both sides cut to the trimmed arm's kept ids"}
+                  "train_s_over_untrimmed": {n: round(res[n]["train_s"] / res["untrimmed"]["train_s"], 3)
+                                             for n in kept},
+                  "note": "kl/top1 (per target token of the arm's own tokenisation) of a trimmed arm: teacher cut to "
+                          "its kept ids, renormalised; untrimmed: full vocabulary, and kl_kept/top1_kept with both "
+                          "sides cut to the train-trimmed arm's kept ids; trimmed = trimmed to the train split, "
+                          "trimmed_all = to train + validation data (the held-out answers' tokens kept)"}
 
 
 def main() -> None:
@@ -448,6 +654,10 @@ def main() -> None:
     ap.add_argument("--calib-steps", type=int, default=5, help="(b) steps of each arm's timing run")
     ap.add_argument("--tasks", type=int, default=8, help="task items of each type (short, code); 0: no task score")
     ap.add_argument("--skip", action="append", choices=("a", "b"), default=[])
+    ap.add_argument("--no-diagnose", dest="diagnose", action="store_false",
+                    help="(a) skip the span-kind shares and CE/KD gradient cosines on the untrained student")
+    ap.add_argument("--arms", type=lambda x: x.split(","), default=list(A_ARMS),
+                    help=f"(a) comma-separated arms of {', '.join(A_ARMS)} (default: all)")
     ap.add_argument("--train", type=int, default=120, help="teacher-answered train conversations")
     ap.add_argument("--val", type=int, default=48, help="held-out validation conversations")
     ap.add_argument("--max-new-tokens", type=int, default=96)
@@ -479,7 +689,8 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens, "trim_vocab": str(trim) + " (train split only)",
         "a": {"student": f"embedded:{GEMMA}, all 18 layers, vocabulary trimmed", "steps": args.steps,
               "seeds": args.seeds, "batch_size": 4, "lr": args.lr_a, "warmup_steps": 10, "schedule": "cosine",
-              "kd": "alpha 0.5, T 2, forward KL, cross-tokenizer hybrid (uld_weight 1, uld_top_k 64)",
+              "arms": {a: dict(zip(("alpha", "temperature", "multi_token"), A_ARMS[a])) for a in args.arms},
+              "kd arms": "forward KL, cross-tokenizer hybrid (uld_weight 1, uld_top_k 64), multi_token as listed",
               "sft": "alpha 1.0 (CE on the teacher's answers)", "same data order per seed": True},
         "b": {"student": "demo: method depth, 20 of 30 layers", "budget_s": args.budget_s,
               "calib_steps": args.calib_steps, "alpha": 0.5, "temperature": 2.0, "lr": 3e-4, "batch_size": 4,
