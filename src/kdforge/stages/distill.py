@@ -960,9 +960,9 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
         first = {n for n, _ in final.named_parameters()}
         state = {k: v for k, v in state.items()
                  if k in first or k not in {n for n, _ in final.named_parameters(remove_duplicate=False)}}
-    _save_final(t.out, final, t.tok, state, carry=_vocab_map_of(cfg.student))
-    wall = time.time() - t0
     last = _read_log(t.log_path)
+    _save_final(t.out, final, t.tok, state, carry=_vocab_map_of(cfg.student), card=(dump(cfg), last))
+    wall = time.time() - t0
     metrics = {"steps": cfg.max_steps, "target_tokens_this_run": total_targets, "train_examples": len(t.data),
                "global_batch_size": t.micro_per_step * cfg.batch_size, "world_size": t.par.world,
                "final": last[-1] if last else {}, "wall_time_s": round(wall, 1)}
@@ -973,15 +973,22 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
     return metrics
 
 
-def _save_final(out: Path, model, tok, state: dict | None = None, carry: Path | None = None) -> None:
+def _save_final(out: Path, model, tok, state: dict | None = None, carry: Path | None = None,
+                card: tuple[dict, list] | None = None) -> None:
     """Write the HF folder into ``out`` (beside checkpoints/ and the log), each file atomically.
     ``state``: the full state dict to write instead of the model's own (FSDP2's parameters are shards).
-    ``carry``: a file of the student's folder that travels with the model (a trimmed vocabulary's id map)."""
+    ``carry``: a file of the student's folder that travels with the model (a trimmed vocabulary's id map).
+    ``card``: (the resolved config, the training log's rows) for the model card (README.md) written with it."""
+    from kdforge.models.model_card import complete_model_folder, write_model_card
+
     with atomic_files(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
         tok.save_pretrained(tmp)
+        complete_model_folder(tmp, tok, model)  # chat template in both places, every end-of-turn id
         if carry is not None:
             shutil.copyfile(carry, tmp / carry.name)
+        if card is not None:
+            write_model_card(tmp, "distill", card[0], log_rows=card[1])
 
 
 def _vocab_map_of(student: str) -> Path | None:

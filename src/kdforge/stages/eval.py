@@ -394,6 +394,10 @@ def run(cfg: EvalConfig, overwrite: bool = False) -> dict[str, Any]:
                    {r["name"]: {k: r[k] for k in ("nll", "kl", "top1", "bits_per_byte", "tokenizer")} for r in rows},
                    time.time() - t0,
                    files=written)
+    from kdforge.models.model_card import record_evaluation
+
+    for folder in record_evaluation(report, cfg.out):  # each evaluated kdforge model folder's README.md
+        print(f"[eval] model card updated: {folder}/README.md", flush=True)
     print(table, flush=True)
     if cfg.tasks:
         print(markdown.tasks_table(report), flush=True)

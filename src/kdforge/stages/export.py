@@ -189,6 +189,7 @@ def run_quantize(cfg: QuantizeConfig, overwrite: bool = False) -> dict[str, Any]
     from kdforge.export.roundtrip import model_report, validation_sets
     from kdforge.export.torch_quant import folder_bytes, load_quantized, reload_quantized, save_quantized
     from kdforge.models.loading import load_model, resolve_model
+    from kdforge.models.model_card import complete_model_folder, write_model_card
     from kdforge.runtime import as_runtime
 
     quiet_torchao()
@@ -199,6 +200,7 @@ def run_quantize(cfg: QuantizeConfig, overwrite: bool = False) -> dict[str, Any]
     with atomic_dir(cfg.out, overwrite=overwrite) as tmp:
         write_config(tmp, dump(cfg))
         save_quantized(qmodel, tok, tmp)
+        complete_model_folder(tmp, tok, qmodel)  # chat template in both places, every end-of-turn id
         report["bytes"] = folder_bytes(tmp)
         src = resolve_model(cfg.model)
         if not src.gguf_file:
@@ -225,7 +227,8 @@ def run_quantize(cfg: QuantizeConfig, overwrite: bool = False) -> dict[str, Any]
                         "reload_max_abs_diff": report["reload"]["max_abs_diff"],
                         "decode_tokens_per_s": report["decode"]["quantized"]["decode_tokens_per_s"],
                         "source_decode_tokens_per_s": report["decode"]["source"]["decode_tokens_per_s"]}
-        write_meta(tmp, "quantize", {"model": cfg.model}, metrics, time.time() - t0)
+        meta = write_meta(tmp, "quantize", {"model": cfg.model}, metrics, time.time() - t0)
+        write_model_card(tmp, "quantize", dump(cfg), meta)  # README.md
     return metrics
 
 

@@ -73,6 +73,7 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
 
     from kdforge.data.calibration import calibration_batches
     from kdforge.models.loading import count_parameters, load_model
+    from kdforge.models.model_card import complete_model_folder, write_model_card
     from kdforge.models.pruning import build_width_student, measure_importance, plan_width, top_sorted
     from kdforge.models.student import build_layer_student, check_layers, random_student, uniform_layers
     from kdforge.models.vocab_trim import VocabTrimError, check_trimmable
@@ -137,6 +138,7 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
     with atomic_dir(cfg.out, overwrite=overwrite) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        complete_model_folder(tmp, tok, student)  # chat template in both places, every end-of-turn id
         write_config(tmp, dump(cfg))
         files, extra = None, {}
         if kept_ids is not None:
@@ -148,12 +150,13 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
         if transplanted is not None:
             extra = {"tokenizer": {"source": cfg.tokenizer or f"trained on {cfg.tokenizer_data}",
                                    "transplant": transplanted}}
-        write_meta(tmp, "student", {"teacher": cfg.teacher}, metrics, time.time() - t0, files=files, extra={
+        meta = write_meta(tmp, "student", {"teacher": cfg.teacher}, metrics, time.time() - t0, files=files, extra={
             "method": cfg.method, "kept_teacher_layers": keep,
             # student layer i <-> teacher layer layer_map[i]: the default map for alignment losses
             "layer_map": {str(i): t for i, t in enumerate(keep)},
             "importance": imp.summary() if imp is not None else None, **extra,
         })
+        write_model_card(tmp, "student", dump(cfg), meta, params=metrics["student_params"])  # README.md
     return metrics
 
 
