@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 # for `make test` only, so that `make demo` stays lean. (llama-cpp-python has no wheel on PyPI: it
 # compiles llama.cpp for minutes, so its backend test runs only where `pip install -e .[llamacpp]` was done.)
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,ui,lmeval,bench]"
+	$(BIN)/python -m pip install -q -e ".[dev,ui,lmeval,bench,onnx]"
 	touch $(TEST_STAMP)
 
 # tests/test_ui_browser.py drives the chat page in Debian's chromium (apt-get install chromium; no browser

@@ -1,4 +1,5 @@
-"""One causal-LM interface (`CausalLM`) and its backends: transformers, llama.cpp, and a served model.
+"""One causal-LM interface (`CausalLM`) and its backends: transformers, llama.cpp, ONNX Runtime GenAI, and a
+served model.
 
 Stages and components ask for a model by spec::
 
@@ -8,9 +9,10 @@ Stages and components ask for a model by spec::
 
 A spec ``http(s)://host:port/v1[#model-name]`` (several URLs comma-separated) is a model behind a
 vLLM-compatible server (`kdforge.runtime.served`; its options, the local ``tokenizer`` first, come as
-``open_model(..., served={...})``). Callers never branch on which backend answered; what differs is a
-capability on the runtime (``max_batch``, ``hf_model``, ``release_scoring``). Every backend samples with
-`kdforge.runtime.sampling.sample_token`.
+``open_model(..., served={...})``). A folder holding ``genai_config.json`` (``kdforge export --to onnx``)
+runs in ONNX Runtime GenAI (`kdforge.runtime.onnx`, the ``onnx`` extra). Callers never branch on which
+backend answered; what differs is a capability on the runtime (``max_batch``, ``hf_model``,
+``release_scoring``). Every backend samples with `kdforge.runtime.sampling.sample_token`.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ from typing import Any
 
 from kdforge.config import ConfigError
 from kdforge.models.loading import is_gguf_file
-from kdforge.runtime.base import LLAMA_CPP, SERVED, TRANSFORMERS, CausalLM
+from kdforge.runtime.base import LLAMA_CPP, ONNX_GENAI, SERVED, TRANSFORMERS, CausalLM
 from kdforge.runtime.llamacpp import INSTALL_HINT, llama_cpp_available
+from kdforge.runtime.onnx import INSTALL_HINT as ONNX_INSTALL_HINT
+from kdforge.runtime.onnx import is_onnx_folder, onnx_genai_available
 from kdforge.runtime.sampling import SamplingParams, make_generator, sample_token
 from kdforge.runtime.served import is_served_spec
 
 AUTO = "auto"
 BACKENDS = (AUTO, TRANSFORMERS, LLAMA_CPP)
 
-__all__ = ["AUTO", "BACKENDS", "INSTALL_HINT", "LLAMA_CPP", "SERVED", "TRANSFORMERS", "CausalLM", "SamplingParams",
-           "as_runtime", "backend_for", "is_served_spec", "llama_cpp_available", "make_generator", "open_model",
-           "runtime_class", "sample_token"]
+__all__ = ["AUTO", "BACKENDS", "INSTALL_HINT", "LLAMA_CPP", "ONNX_GENAI", "SERVED", "TRANSFORMERS", "CausalLM",
+           "SamplingParams", "as_runtime", "backend_for", "is_onnx_folder", "is_served_spec", "llama_cpp_available",
+           "make_generator", "onnx_genai_available", "open_model", "runtime_class", "sample_token"]
 
 
 def backend_for(spec: str, backend: str = AUTO) -> str:
@@ -37,8 +41,9 @@ def backend_for(spec: str, backend: str = AUTO) -> str:
     embedded teacher always run in transformers; a GGUF file runs in llama.cpp when asked, or with
     ``auto`` when llama-cpp-python is installed (else transformers' GGUF loader, dequantised). An
     ``http(s)://`` spec is a served model whatever the backend says (``auto`` or ``transformers``, the
-    configs' defaults; ``llama.cpp`` is refused)."""
-    if backend not in BACKENDS and backend != SERVED:
+    configs' defaults; ``llama.cpp`` is refused). So is an ONNX Runtime GenAI folder (its
+    ``genai_config.json``): nothing else reads it, so ``auto`` and ``transformers`` both mean ONNX Runtime."""
+    if backend not in BACKENDS and backend not in (SERVED, ONNX_GENAI):
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if is_served_spec(spec):
         if backend == LLAMA_CPP:
@@ -46,6 +51,14 @@ def backend_for(spec: str, backend: str = AUTO) -> str:
         return SERVED
     if backend == SERVED:
         raise ConfigError(f"backend {SERVED} needs an http(s):// model spec, not {spec}")
+    if is_onnx_folder(spec):
+        if backend == LLAMA_CPP:
+            raise ConfigError(f"{spec} is an ONNX Runtime GenAI folder: backend {LLAMA_CPP} runs GGUF files only")
+        if not onnx_genai_available():
+            raise ConfigError(f"{spec} is an ONNX Runtime GenAI folder; running it needs {ONNX_INSTALL_HINT}")
+        return ONNX_GENAI
+    if backend == ONNX_GENAI:
+        raise ConfigError(f"backend {ONNX_GENAI} needs an ONNX Runtime GenAI folder (genai_config.json), not {spec}")
     if not is_gguf_file(spec) or backend == TRANSFORMERS:
         return TRANSFORMERS
     installed = llama_cpp_available()
@@ -65,6 +78,10 @@ def runtime_class(backend: str) -> type[CausalLM]:
         from kdforge.runtime.llamacpp import LlamaCppRuntime
 
         return LlamaCppRuntime
+    if backend == ONNX_GENAI:
+        from kdforge.runtime.onnx import OnnxRuntime
+
+        return OnnxRuntime
     if backend == SERVED:
         from kdforge.runtime.served import ServedRuntime
 

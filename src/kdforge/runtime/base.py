@@ -23,6 +23,7 @@ from kdforge.runtime.sampling import SamplingParams
 TRANSFORMERS = "transformers"
 LLAMA_CPP = "llama.cpp"
 SERVED = "served"  # a model behind a vLLM-compatible server (runtime/served.py)
+ONNX_GENAI = "onnxruntime-genai"  # an ONNX Runtime GenAI model folder (runtime/onnx.py)
 
 
 class CausalLM(ABC):
