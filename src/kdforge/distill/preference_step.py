@@ -166,7 +166,7 @@ class PreferenceDistiller:
                     ce = -(on * self._token_lp(h, targets)).sum()
                 token_grad = -o.sft_weight * on / max(n_sft, 1)
             self._backward(h, targets, rows, seq_leaf.grad, token_grad)
-            sums["soft"] += float(terms["loss"].sum())
+            sums["soft"] += float(terms["loss"].detach().sum())
             sums["ce"] += float(ce)
             for k in ("chosen_reward", "rejected_reward", "accuracy", "margin"):
                 if k in terms:
