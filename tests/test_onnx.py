@@ -139,3 +139,32 @@ def test_backend_for_refuses_llama_cpp_on_onnx_folder(exports):
         backend_for(str(folder), LLAMA_CPP)
     with pytest.raises(ConfigError):
         backend_for("embedded:smollm2-135m-instruct", ONNX_GENAI)
+
+
+def test_export_stage_to_onnx(tmp_path, hf_dirs):
+    from kdforge.artifacts import product, read_meta
+    from kdforge.stages.export import ExportConfig, run
+
+    cfg = ExportConfig(model=str(hf_dirs["llama"]), out=str(tmp_path / "export"), to="onnx", check_prompts=2)
+    assert cfg.quant == ["fp32"]  # the GGUF default (f16) is no ONNX type
+    metrics = run(cfg)
+    assert metrics["fp32"]["top1"] == 1.0 and metrics["fp32"]["max_abs_diff"] < 1e-4
+    folder = product(tmp_path / "export", "fp32")
+    assert folder is not None and folder.name == "onnx-fp32" and (folder / "genai_config.json").is_file()
+    assert backend_for(str(folder)) == ONNX_GENAI
+    report = json.loads((tmp_path / "export" / "report.json").read_text())
+    assert report["problems"] == [] and report["to"] == "onnx"
+    assert read_meta(tmp_path / "export")["stage"] == "export"
+
+
+def test_export_config_quant_names_follow_the_format():
+    from pydantic import ValidationError
+
+    from kdforge.stages.export import ExportConfig
+
+    assert ExportConfig(model="m", to="onnx", quant="int4 int8").quant == ["int4", "int8"]
+    assert ExportConfig(model="m").quant == ["f16"]  # GGUF unchanged
+    with pytest.raises(ValidationError):
+        ExportConfig(model="m", to="onnx", quant=["q8_0"])
+    with pytest.raises(ValidationError):
+        ExportConfig(model="m", quant=["int4"])  # an ONNX type for GGUF

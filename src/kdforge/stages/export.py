@@ -1,7 +1,8 @@
 """`kdforge export` and `kdforge quantize`: one artifact folder each, with a round-trip report.
 
 export/   model-<quant>.gguf (one per --quant), report.json (per file: size, tensor types, logits and
-          tokenizer round trip), config.yaml, meta.json.
+          tokenizer round trip), config.yaml, meta.json. With --to onnx: onnx-<quant>/ (one ONNX Runtime
+          GenAI folder per --quant fp32|int8|int4, `kdforge.export.onnx`) instead of the GGUF files.
 quantize/ an HF folder (model.safetensors with the quantization_config in config.json, tokenizer),
           report.json (reload check, agreement with the source, decode speed), config.yaml, meta.json.
 """
@@ -12,23 +13,28 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from kdforge.artifacts import atomic_dir, atomic_write_json, check_writable, write_config, write_meta
 from kdforge.config import StageConfig, dump
 from kdforge.export.formats import METHODS, QUANT_NAMES
+from kdforge.export.onnx import ONNX_QUANTS
 from kdforge.quiet import quiet_torchao
 from kdforge.stages import Stage
 
 
 class ExportConfig(StageConfig):
-    """`kdforge export`: write a model as GGUF (llama.cpp / Ollama) and check the file round-trips."""
+    """`kdforge export`: write a model as GGUF (llama.cpp / Ollama) or as an ONNX Runtime GenAI folder, and
+    check that it round-trips."""
 
     model: str = Field(description="HF folder, .gguf file, or embedded:smollm2-135m-instruct")
-    out: str = Field("artifacts/export", description="output folder: model-<quant>.gguf files and report.json")
-    to: Literal["gguf"] = Field("gguf", description="output format")
+    out: str = Field("artifacts/export", description="output folder: model-<quant>.gguf files (onnx-<quant>/ "
+                     "folders) and report.json")
+    to: Literal["gguf", "onnx"] = Field("gguf", description="output format: gguf (llama.cpp, Ollama) or onnx "
+                                        "(ONNX Runtime GenAI, CPU; needs the onnx extra)")
     quant: list[str] = Field(default_factory=lambda: ["f16"],
-                             description=f"one or more of {', '.join(QUANT_NAMES)}; one file each")
+                             description=f"one or more of {', '.join(QUANT_NAMES)} (gguf; default f16) or "
+                             f"{', '.join(ONNX_QUANTS)} (onnx; default fp32); one file or folder each")
     keep_f16: list[str] = Field(default_factory=list,
                                 description="GGUF tensor names or globs kept at f16, e.g. token_embd output")
     allow_fallback: bool = Field(False, description="write tensors whose rows do not divide into blocks as f16 "
@@ -53,10 +59,21 @@ class ExportConfig(StageConfig):
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
         v = [x.lower() for x in v]
-        bad = [x for x in v if x not in QUANT_NAMES]
+        bad = [x for x in v if x not in QUANT_NAMES and x not in ONNX_QUANTS]
         if bad or not v:
-            raise ValueError(f"unknown GGUF type(s) {bad}; the gguf package writes: {', '.join(QUANT_NAMES)}")
+            raise ValueError(f"unknown type(s) {bad}; the gguf package writes: {', '.join(QUANT_NAMES)}; "
+                             f"the ONNX export: {', '.join(ONNX_QUANTS)}")
         return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _quant_fits_format(self):
+        if self.to == "onnx" and "quant" not in self.model_fields_set:
+            self.quant = ["fp32"]  # the GGUF default (f16) is no ONNX type
+        known = ONNX_QUANTS if self.to == "onnx" else QUANT_NAMES
+        bad = [x for x in self.quant if x not in known]
+        if bad:
+            raise ValueError(f"--to {self.to} writes {', '.join(known)}, not {', '.join(bad)}")
+        return self
 
 
 class QuantizeConfig(StageConfig):
@@ -140,12 +157,56 @@ def _calibrate(cfg: ExportConfig, model, tok) -> tuple[dict | None, dict[str, An
     return hessians, info
 
 
+def run_onnx(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
+    """`kdforge export --to onnx`: one ONNX Runtime GenAI folder per quant, each round-tripped."""
+    from kdforge.export.onnx import check_installed, export_onnx, judge
+    from kdforge.export.onnx import metrics as onnx_metrics
+    from kdforge.export.roundtrip import source_logits, validation_sets
+    from kdforge.models.loading import load_model
+
+    check_installed()  # before the model loads
+    check_writable(cfg.out)
+    t0 = time.time()
+    model, tok = load_model(cfg.model, device="cpu", dtype="float32", trust_remote_code=cfg.trust_remote_code)
+    sets = validation_sets(model, tok, cfg.check_prompts) if cfg.check else None
+    ref = source_logits(model, sets) if cfg.check else None
+    folders: dict[str, Any] = {}
+    problems: list[str] = []
+    with atomic_dir(cfg.out, overwrite=overwrite) as tmp:
+        write_config(tmp, dump(cfg))
+        for quant in cfg.quant:
+            name = f"onnx-{quant}"
+            summary = export_onnx(model, tok, cfg.model, tmp / name, quant, sets, ref)
+            summary["path"] = name
+            if cfg.check:
+                problems += judge(quant, summary["roundtrip"])
+            folders[quant] = summary
+            line = f"[kdforge] export {name}/: {summary['bytes'] / 1e6:.1f} MB in {summary['builder']['seconds']} s"
+            if cfg.check:
+                m = onnx_metrics(summary["roundtrip"])
+                line += (f", answers: max|Δlogit| {m['max_abs_diff']:.4g}, top-1 {m['top1']:.4f}, ΔNLL "
+                         f"{m['nll_delta']:+.4f} (prompt text top-1 {m['top1_prompt_text']:.4f}); tokenizer "
+                         f"{'match' if m['tokenizer_match'] else 'MISMATCH'}")
+            print(line, flush=True)
+        atomic_write_json(tmp / "report.json", {"model": cfg.model, "to": "onnx", "files": folders,
+                                                "problems": problems})
+        metrics = {q: {"bytes": s["bytes"], "export_s": s["builder"]["seconds"]}
+                   | (onnx_metrics(s["roundtrip"]) if cfg.check else {}) for q, s in folders.items()}
+        write_meta(tmp, "export", {"model": cfg.model}, metrics, time.time() - t0,
+                   extra={"files": {q: s["path"] for q, s in folders.items()}})
+    for p in problems:
+        print(f"[kdforge] WARNING: {p}", flush=True)
+    return metrics
+
+
 def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     from kdforge.export.gguf_writer import check_supported, write_gguf
     from kdforge.export.roundtrip import gguf_roundtrip, source_logits, validation_sets
     from kdforge.models.loading import load_model
 
     quiet_torchao()
+    if cfg.to == "onnx":
+        return run_onnx(cfg, overwrite)
     check_writable(cfg.out)  # before the model loads
     t0 = time.time()
     model, tok = load_model(cfg.model, device="cpu", dtype="float32", trust_remote_code=cfg.trust_remote_code)
@@ -233,7 +294,8 @@ def run_quantize(cfg: QuantizeConfig, overwrite: bool = False) -> dict[str, Any]
 
 
 STAGES = (
-    Stage("export", "write a model as GGUF (llama.cpp/Ollama) and check that it round-trips", ExportConfig, run,
+    Stage("export", "write a model as GGUF (llama.cpp/Ollama) or ONNX (ONNX Runtime GenAI) and check that it "
+          "round-trips", ExportConfig, run,
           positional="model", flags=("to", "quant", "keep_f16", "allow_fallback", "pre", "calibration",
                                      "calibration_samples", "check", "out")),
     Stage("quantize", "weight quantisation in PyTorch (torchao int8/int4; bitsandbytes on CUDA)", QuantizeConfig,
