@@ -10,7 +10,8 @@ change between releases, its command line less so. The folder then gets the sour
 
 Round trip: logits of the exported ``model.onnx`` (plain onnxruntime, empty KV cache, every position)
 against the source's on the export's validation texts (`kdforge.export.roundtrip`): max |Δlogit|, top-1
-agreement, ΔNLL, KL; and the tokenizer read back from the folder must give the source's ids.
+agreement, ΔNLL, KL; and the tokenizer read back from the folder, in transformers and in ORT GenAI, must
+give the source's ids.
 """
 
 from __future__ import annotations
@@ -117,9 +118,15 @@ def onnx_roundtrip(folder: Path, tokenizer, sets: dict, ref: dict) -> dict[str, 
     finally:
         lm.close()
     texts = tokenizer_texts(tokenizer)
+    src_ids = [tokenizer(t)["input_ids"] for t in texts]
     back = AutoTokenizer.from_pretrained(folder)
-    report["tokenizer"] = compare_ids([tokenizer(t)["input_ids"] for t in texts],
-                                      [back(t)["input_ids"] for t in texts])
+    report["tokenizer"] = compare_ids(src_ids, [back(t)["input_ids"] for t in texts])
+    # ORT GenAI's own tokenizer (what programs other than kdforge encode with) reads the same tokenizer.json
+    from kdforge.runtime.onnx import import_genai
+
+    og = import_genai()
+    genai_tok = og.Tokenizer(og.Model(str(folder)))
+    report["genai_tokenizer"] = compare_ids(src_ids, [[int(i) for i in genai_tok.encode(t)] for t in texts])
     return report
 
 
@@ -152,6 +159,8 @@ def judge(quant: str, rt: dict[str, Any]) -> list[str]:
         problems.append(f"onnx {quant}: max |Δlogit| {ans['max_abs_diff']:.3g} > {MAX_ABS_DIFF_EXPECTED[quant]}")
     if not rt["tokenizer"]["match"]:
         problems.append(f"onnx {quant}: the folder's tokenizer gives different ids: {rt['tokenizer']}")
+    if not rt["genai_tokenizer"]["match"]:
+        problems.append(f"onnx {quant}: ORT GenAI's tokenizer gives different ids: {rt['genai_tokenizer']}")
     return problems
 
 
@@ -160,4 +169,4 @@ def metrics(rt: dict[str, Any]) -> dict[str, Any]:
     ans = rt["logits"]["answers"]
     return {"max_abs_diff": ans["max_abs_diff"], "top1": ans["top1"], "nll_delta": ans["nll_delta"],
             "kl": ans["kl"], "top1_prompt_text": rt["logits"]["prompt_text"]["top1"],
-            "tokenizer_match": rt["tokenizer"]["match"]}
+            "tokenizer_match": rt["tokenizer"]["match"], "genai_tokenizer_match": rt["genai_tokenizer"]["match"]}
