@@ -176,6 +176,7 @@ def test_export_config_quant_names_follow_the_format():
 
     assert ExportConfig(model="m", to="onnx", quant="int4 int8").quant == ["int4", "int8"]
     assert ExportConfig(model="m").quant == ["f16"]  # GGUF unchanged
+    assert ExportConfig(model="m", to="onnx", onnx_options={"accuracy_level": 1}).onnx_options == {"accuracy_level": 1}
     with pytest.raises(ValidationError):
         ExportConfig(model="m", to="onnx", quant=["q8_0"])
     with pytest.raises(ValidationError):

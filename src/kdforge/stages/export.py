@@ -46,6 +46,9 @@ class ExportConfig(StageConfig):
     calibration_samples: int = Field(128, gt=0, description="calibration conversations")
     check: bool = Field(True, description="read the file back and compare logits and token ids")
     check_prompts: int = Field(16, gt=0, description="validation prompts in the round-trip check")
+    onnx_options: dict[str, str | int | bool] = Field(
+        default_factory=dict, description="--to onnx: the model builder's --extra_options, e.g. "
+        "{algo_config: k_quant_mixed} or {accuracy_level: 1} (fp32 activations; the CPU default 4 rounds them to int8)")
     trust_remote_code: bool = False
 
     @field_validator("quant", mode="before")
@@ -176,7 +179,7 @@ def run_onnx(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
         write_config(tmp, dump(cfg))
         for quant in cfg.quant:
             name = f"onnx-{quant}"
-            summary = export_onnx(model, tok, cfg.model, tmp / name, quant, sets, ref)
+            summary = export_onnx(model, tok, cfg.model, tmp / name, quant, sets, ref, cfg.onnx_options or None)
             summary["path"] = name
             if cfg.check:
                 problems += judge(quant, summary["roundtrip"])
