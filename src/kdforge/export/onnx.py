@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.artifacts import atomic_write_json
+from kdforge.config import ConfigError
 
 ONNX_QUANTS = ("fp32", "int8", "int4")
 INSTALL_HINT = "pip install 'kdforge[onnx]' (onnxruntime-genai, onnxruntime, onnx, onnx-ir)"
@@ -40,7 +41,7 @@ def check_installed() -> None:
     modules = ("onnxruntime_genai", "onnxruntime", "onnx", "onnx_ir")
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise RuntimeError(f"ONNX export needs {', '.join(missing)}: {INSTALL_HINT}")
+        raise ConfigError(f"ONNX export needs {', '.join(missing)}: {INSTALL_HINT}")
 
 
 def run_builder(hf_folder: str | Path, out: str | Path, quant: str, cache_dir: str | Path,
