@@ -262,6 +262,10 @@ def write_gguf(
     from gguf import quants
 
     path = Path(path)
+    trained = trained_grid(model, quant)
+    if trained is not None:
+        # Weights that quantisation-aware training left in full precision stay f16 in the file.
+        keep_f16 = [*keep_f16, *(gguf_name(n) or n for n in trained["kept"])]
     planned = plan_tensors(model, quant, keep_f16, allow_fallback)
     arch = ARCHITECTURES[model.config.model_type]
     vocab_rows = model.get_input_embeddings().weight.shape[0]
@@ -276,9 +280,12 @@ def write_gguf(
         _add_hyperparameters(writer, model.config, arch, vocab_rows)
         tok_meta.write(writer)
         state = model.state_dict()
+        exact = set(trained["tensors"]) if trained is not None else set()
         for t in planned:
             qtype = _qtype(t.qtype_name)
             hessian = (hessians or {}).get(t.hf_name) if t.qtype_name in CALIBRATED_TYPES else None
+            if t.hf_name in exact:
+                hessian = None  # already on the grid: rounding to nearest gives back exactly these values
             if hessian is not None or t.qtype_name == "q8_0":
                 # Q8_0 always takes kdforge's own rounding, for the scales fitted to a quantised source.
                 data, fitted = _rounded_blocks(t, state[t.hf_name], hessian)
@@ -297,6 +304,8 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        if trained is not None:
+            check_written_grid(tmp, planned, state, exact)
     fallback = [t.name for t in planned if t.qtype_name == "f16" and quant != "f16" and len(t.shape) > 1
                 and not _matches(t.name, keep_f16)]
     return {
@@ -309,8 +318,56 @@ def write_gguf(
         "calibrated_tensors": calibrated,
         "grid_fitted_blocks": grid_fitted,
         "tied_embeddings": _is_tied(model),
+        "quant_aware": ({"grid": trained["grid"], "tensors": len(trained["tensors"]), "kept_f16": trained["kept"],
+                         "exact": True} if trained is not None else _other_grid(model, quant)),
         "tokenizer": {"model": tok_meta.model, "pre": tok_meta.pre, "pre_source": tok_meta.pre_source,
                       "tokens": len(tok_meta.tokens), "merges": len(tok_meta.merges),
                       "special_ids": tok_meta.special_ids, "add_bos": tok_meta.add_bos,
                       "chat_template": tok_meta.chat_template is not None},
     }
+
+
+def trained_grid(model, quant: str) -> dict | None:
+    """The record of quantisation-aware training (config ``kdforge_quant_aware``, kdforge.distill.quant_aware)
+    when it trained on ``quant``'s grid and its weights are still on it; None when it did not. A folder trained
+    on the grid and changed since (fine-tuned again, merged) is refused with the way out: the file would
+    silently not be the model that was trained."""
+    record = getattr(model.config, "kdforge_quant_aware", None)
+    if not isinstance(record, dict) or record.get("grid") != quant:
+        return None
+    from kdforge.models.quant_grid import on_grid
+
+    state = model.state_dict()
+    off = [n for n in record.get("tensors", []) if n not in state or not on_grid(state[n].detach().cpu(), quant)]
+    if off:
+        raise GGUFExportError(f"the model was trained on the {quant} grid (config kdforge_quant_aware) but {len(off)} "
+                              f"of its weights are no longer on it (e.g. {off[0]}): it was changed after "
+                              "quantisation-aware training; delete kdforge_quant_aware from its config.json to "
+                              "export it as an ordinary model")
+    return record
+
+
+def _other_grid(model, quant: str) -> dict | None:
+    record = getattr(model.config, "kdforge_quant_aware", None)
+    if not isinstance(record, dict):
+        return None
+    return {"grid": record.get("grid"), "exact": False,
+            "note": f"trained on the {record.get('grid')} grid, written as {quant}: not the trained values"}
+
+
+def check_written_grid(path: Path, planned: Sequence[_Planned], state: Mapping[str, torch.Tensor],
+                       exact: set[str]) -> None:
+    """Read the file back and check that each tensor trained on the grid dequantises to the trained weights
+    bit for bit (Llama's q/k rows in llama.cpp's order); raise before the file is renamed into place."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    for t in planned:
+        if t.hf_name not in exact:
+            continue
+        read = tensors[t.name]
+        got = dequantize(read.data, read.tensor_type).reshape(t.shape)  # (out, in) float32
+        if not np.array_equal(got, t.array(state[t.hf_name])):
+            raise GGUFExportError(f"{t.name}: the written {t.qtype_name} blocks differ from the trained grid values "
+                                  "(report this as a bug)")

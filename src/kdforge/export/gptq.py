@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-BLOCK = 32  # weights per scale in Q8_0 and Q4_0
+from kdforge.models.quant_grid import BLOCK, RANGES, reference_scales
+
 CALIBRATED_TYPES = ("q8_0", "q4_0")
-_RANGE = {"q8_0": (-127, 127), "q4_0": (-8, 7)}
+_RANGE = {t: RANGES[t] for t in CALIBRATED_TYPES}
 
 
 @dataclass
@@ -57,20 +58,6 @@ def block_scales(weight: torch.Tensor, qtype: str) -> torch.Tensor:
     if qtype != "q8_0":
         return reference
     return fit_source_grid(weight, reference, *_RANGE[qtype])
-
-
-def reference_scales(weight: torch.Tensor, qtype: str) -> torch.Tensor:
-    """(rows, cols/32) fp16 scales as llama.cpp's reference quantiser picks them for ``weight`` (rows, cols)."""
-    blocks = weight.float().reshape(weight.shape[0], -1, BLOCK)  # (rows, G, 32)
-    if qtype == "q8_0":
-        d = blocks.abs().amax(-1) / 127
-    elif qtype == "q4_0":
-        # The signed value of largest magnitude maps to -8, the one end of [-8, 7] that always fits.
-        idx = blocks.abs().argmax(-1, keepdim=True)
-        d = blocks.gather(-1, idx).squeeze(-1) / -8
-    else:
-        raise ValueError(f"calibrated rounding writes {', '.join(CALIBRATED_TYPES)}, not {qtype}")
-    return d.half()
 
 
 def fit_source_grid(weight: torch.Tensor, reference: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -170,6 +171,12 @@ class DistillConfig(StageConfig):
     consistency: ConsistencySettings = Field(default_factory=ConsistencySettings,
                                              description="consistency of predictions under perturbed inputs")
     preset: Literal["two_stage"] | None = None
+    quant_aware: Literal["q4_0", "q8_0", "int4"] | None = Field(
+        None, description="quantisation-aware distillation: train with every 2-D weight (decoder Linears, the "
+        "embedding, an untied head) fake-quantised on this grid, gradients straight through, and save them on it; "
+        "`kdforge export --quant q4_0|q8_0` then writes exactly the trained values")
+    quant_aware_keep: list[str] = Field(default_factory=list, description="quant_aware: regexes of weight names "
+                                        "left in full precision (the export keeps them f16), e.g. embed_tokens")
     chunk_size: int | None = Field(256, gt=0, description="target positions per projection/loss/backward chunk")
     # optimisation
     method: Literal["full", "lora"] = "full"
@@ -233,6 +240,16 @@ class DistillConfig(StageConfig):
                     or self.hidden_loss != "none" or self.attention_loss != "none" or self.preset:
                 raise ValueError(f"objective {self.objective} takes none of on_policy, consistency, taid, hidden or "
                                  "attention alignment, presets")
+        if self.quant_aware is not None and (self.method == "lora" or self.objective != "kd"):
+            raise ValueError("quant_aware trains the weights themselves on the grid: use method full (a LoRA adapter "
+                             "merged afterwards would leave it) and objective kd")
+        if self.quant_aware_keep and self.quant_aware is None:
+            raise ValueError("quant_aware_keep is set but quant_aware is not: set quant_aware (q4_0, q8_0, int4)")
+        for pattern in self.quant_aware_keep:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"quant_aware_keep: {pattern!r} is not a regular expression ({e})") from None
         if self.objective == "distillm2" and (self.labels is not None or self.on_policy_used):
             raise ValueError("objective distillm2 needs the teacher to score both answers of each pair: set teacher "
                              "(not labels), and on_policy 0")
@@ -367,6 +384,7 @@ class _Training:
     student_sampler: Any = None    # kdforge.distill.on_policy.StudentSampler when on_policy is above 0
     cross: Any = None              # the CrossSetup when the tokenizers differ
     batcher: Any = None            # preference objectives: example indices -> (micro-batches, divergence per batch)
+    quant: Any = None              # kdforge.distill.quant_aware.QuantAware under quant_aware
 
 
 def run(cfg: DistillConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
@@ -501,6 +519,21 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
         student.config.use_cache = False
     module, params = prepare_trainable(student, cfg.lora if cfg.method == "lora" else None, cfg.freeze)
     module.train()
+    quant = None
+    if cfg.quant_aware is not None:
+        if par.active:
+            raise ConfigError("quant_aware with several processes is not built: run it in one process (a short "
+                              "stage after the main distillation)")
+        from kdforge.distill.quant_aware import quant_aware
+
+        # After the trainable set is chosen: the parametrization renames parameters, requires_grad stays with them.
+        try:
+            quant = quant_aware(module, cfg.quant_aware, cfg.quant_aware_keep)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if distributed.is_main():
+            print(f"[kdforge] quant_aware {cfg.quant_aware}: {len(quant.tensors)} weights on the grid, "
+                  f"{len(quant.kept)} kept in full precision", flush=True)
     all_params = params + (list(projection.parameters()) if projection is not None else [])
     root = TargetHidden(module, projection)
     if prefs is not None and par.active:
@@ -607,7 +640,7 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
     return _Training(cfg, out, tok, module, all_params, projection, opt, sched, distiller,
                      sampler.stream(skip=consumed), data, rows, val_batches, layer_map,
                      sampler.batches_per_epoch() / micro_per_step, start_step, consumed, log_path,
-                     par, root, micro_per_step, pairs, t_pad, kept, student_sampler, cross, batcher)
+                     par, root, micro_per_step, pairs, t_pad, kept, student_sampler, cross, batcher, quant)
 
 
 REFERENCE_NAME = "reference_logps.json"  # the DPO/KTO reference's sequence log-probs, made once at set-up
@@ -867,7 +900,8 @@ def _loop(t: _Training) -> int:
                             tok_s=f"{row['target_tokens_per_s']:.0f}")
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and t.val_batches:
             t.module.eval()
-            row = (row or {"step": step + 1}) | t.distiller.evaluate(t.val_batches)
+            with _grid_cached(t):
+                row = (row or {"step": step + 1}) | t.distiller.evaluate(t.val_batches)
             t.module.train()
         if row and main:
             append_lines(t.log_path, [json.dumps(row)])
@@ -902,7 +936,8 @@ def _sampled_batches(t: _Training, indices: list[list[int]], step: int) -> tuple
 
     micro, tokens, seconds = [], 0, 0.0
     for idx in indices:
-        got = t.student_sampler.sample(idx, [t.convs[i] for i in idx], step)
+        with _grid_cached(t):
+            got = t.student_sampler.sample(idx, [t.convs[i] for i in idx], step)
         tokens, seconds = tokens + got.tokens, seconds + got.seconds
         pairs = None
         if t.cross is not None:
@@ -912,6 +947,16 @@ def _sampled_batches(t: _Training, indices: list[list[int]], step: int) -> tuple
             pairs = encode_pairs(t.cross.toks, got.encoded, got.conversations, t.cfg.max_length)
         micro.append(make_batch(got.encoded, None, t.tok.pad_token_id, pairs, t.teacher_pad_id))
     return micro, tokens, seconds
+
+
+def _grid_cached(t: _Training):
+    """Under quant_aware: the grid values computed once for a pass without gradients (evaluation, sampling),
+    not once per forward (a decode step is one forward)."""
+    if t.quant is None:
+        return contextlib.nullcontext()
+    from torch.nn.utils import parametrize
+
+    return parametrize.cached()
 
 
 def _log_row(step: int, progress, lr: float, r: dict[str, float], grad_norm: float,
@@ -946,6 +991,10 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
         return {}
     final = t.module.merge_and_unload() if cfg.method == "lora" else t.module
     final.eval()
+    if t.quant is not None:
+        # The latent weights become their grid values: the folder is the quantised model, and says so.
+        t.quant.materialise()
+        final.config.kdforge_quant_aware = t.quant.record()
     if t.distiller.tied_embedding is not None:
         t.distiller.tied_embedding.sparse = False
     if cfg.gradient_checkpointing:
@@ -1025,6 +1074,6 @@ def _read_log(path: Path) -> list[dict]:
 
 STAGES = (Stage("distill", "train the student on teacher answers (online teacher or a label cache)", DistillConfig,
                 run, flags=("teacher", "labels", "student", "data", "out", "max_steps", "batch_size", "lr",
-                            "self_distill"),
+                            "self_distill", "quant_aware"),
                 aliases={"max_steps": "steps", "self_distill": "self"},
                 options={"resume": "continue from the last checkpoint in --out"}, parallel=True),)

@@ -1,0 +1,167 @@
+"""Quantisation-aware distillation: the grid, the straight-through gradient, training, and an export that
+writes exactly the trained values."""
+
+import json
+
+import pytest
+import torch
+
+from kdforge.distill.quant_aware import quant_aware
+from kdforge.export.gguf_writer import GGUFExportError, write_gguf
+from kdforge.models.quant_grid import fake_quantize, on_grid
+from kdforge.stages.distill import DistillConfig
+from kdforge.stages.distill import run as run_distill
+
+from .conftest import make_tiny
+from .test_distill import _pair, data_file  # noqa: F401, F811  (the module-scoped data fixture)
+
+
+def _gguf_roundtrip(w: torch.Tensor, qtype: str) -> torch.Tensor:
+    """``w`` through gguf's own reference quantiser and back (what llama.cpp's converter would write)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+
+    t = {"q4_0": Q.Q4_0, "q8_0": Q.Q8_0}[qtype]
+    return torch.from_numpy(dequantize(quantize(w.numpy(), t), t).reshape(w.shape))
+
+
+@pytest.mark.parametrize("grid", ["q4_0", "q8_0"])
+def test_grid_values_survive_the_reference_quantiser_bit_for_bit(grid):
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * torch.rand(64, 1) * 0.1  # rows of different scales
+    w[3, :32] = 0.0  # an all-zero block stays zero
+    q = fake_quantize(w, grid)
+    assert not torch.equal(q, w) and on_grid(q, grid) and not on_grid(w, grid)
+    assert torch.equal(fake_quantize(q, grid), q)  # idempotent
+    assert torch.equal(_gguf_roundtrip(q, grid), q)  # the file a converter writes holds these values
+    assert torch.equal(q[3, :32], torch.zeros(32))
+    # Rounding to nearest: each value moves by at most half a step of its block (the block's scale d), but
+    # Q4_0's +7 end is one step short of the -8 the largest magnitude maps to: values there move up to d.
+    d = (q.reshape(64, -1, 32).abs().amax(-1) / {"q4_0": 8, "q8_0": 127}[grid]).repeat_interleave(32, 1)
+    bound = {"q4_0": 1.0, "q8_0": 0.5}[grid] * d * (1 + 1e-3) + 1e-12
+    assert ((q - w).abs() <= bound).all()
+    # gguf's (and llama.cpp's) reference rounds with the unrounded scale, then stores it in fp16; the grid
+    # rounds with the stored scale. The two differ only where that moves a value across a rounding boundary.
+    assert (_gguf_roundtrip(w, grid) == q).float().mean() > 0.98
+
+
+def test_straight_through_gradient_and_a_tied_embedding_quantised_once():
+    model = make_tiny("llama", 256, seed=1)
+    ref = make_tiny("llama", 256, seed=1)
+    qa = quant_aware(model, "q4_0")
+    # Embedding and head share one latent weight, recorded once (as the GGUF's token_embd).
+    assert "model.embed_tokens.weight" in qa.tensors and "lm_head.weight" not in qa.tensors
+    assert model.lm_head.parametrizations.weight.original is model.model.embed_tokens.parametrizations.weight.original
+    assert len(qa.tensors) == 1 + 2 * 7 and qa.kept == []
+    # The forward computes with the grid values: equal to a copy whose weights were rounded by hand.
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() == 2:
+                p.copy_(fake_quantize(p, "q4_0"))
+    ids = torch.randint(0, 256, (2, 12))
+    out = model(ids, labels=ids)
+    expected = ref(ids, labels=ids)
+    assert torch.equal(out.logits, expected.logits)
+    # Straight through: the latent weight's gradient is the grid weight's gradient.
+    out.loss.backward()
+    expected.loss.backward()
+    latent = model.model.layers[0].mlp.up_proj.parametrizations.weight.original
+    assert torch.equal(latent.grad, ref.model.layers[0].mlp.up_proj.weight.grad)
+    emb = model.model.embed_tokens.parametrizations.weight.original
+    assert torch.equal(emb.grad, ref.model.embed_tokens.weight.grad)
+    qa.materialise()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert all(on_grid(p.detach(), "q4_0") for p in model.parameters() if p.dim() == 2)
+
+
+def test_keep_patterns_and_rows_off_the_block_size():
+    model = make_tiny("qwen2", 256, seed=1)
+    qa = quant_aware(model, "q8_0", keep=[r"embed_tokens", r"\.down_proj\."])
+    assert "model.embed_tokens.weight" in qa.kept and "lm_head.weight" in qa.tensors  # untied head: its own
+    assert all("down_proj" not in n for n in qa.tensors)
+    with pytest.raises(ValueError, match="no weight is left"):
+        quant_aware(make_tiny("llama", 256), "q4_0", keep=["."])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_distill_on_the_q4_0_grid_then_export_writes_the_trained_weights(tokenizer, tmp_path, data_file, arch):  # noqa: F811
+    """The trained folder is on the grid and says so; its Q4_0 GGUF dequantises to exactly those weights, and
+    transformers reading the GGUF gets them back bit for bit (Llama's q/k permutation undone)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t, s = _pair(tmp_path, tokenizer, arch)
+    out = tmp_path / "qat"
+    run_distill(DistillConfig(teacher=t, student=s, data=str(data_file), out=str(out), max_steps=4, batch_size=2,
+                              lr=3e-3, log_every=1, eval_every=2, val_limit=2, quant_aware="q4_0"))
+    config = json.loads((out / "config.json").read_text())
+    record = config["kdforge_quant_aware"]
+    assert record["grid"] == "q4_0" and record["kept"] == []
+    trained = load_file(out / "model.safetensors")
+    start = load_file(f"{s}/model.safetensors")
+    for name in record["tensors"]:
+        assert on_grid(trained[name], "q4_0"), name
+    # Training moved weights across grid points: not the start's own rounding.
+    moved = sum(int((trained[n] != fake_quantize(start[n], "q4_0")).sum()) for n in record["tensors"])
+    assert moved > 0
+    # Norms and biases are trained in full precision (GGUF keeps them f32).
+    assert any(not torch.equal(trained[n], start[n]) for n in trained if trained[n].dim() == 1)
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out)
+    from kdforge.export.calibration import calibrated_names
+
+    # Nothing to calibrate for a file of the trained grid (its values are written as they are); another grid is
+    # calibrated as usual.
+    assert calibrated_names(model, ["q4_0"]) == [] and len(calibrated_names(model, ["q8_0"])) == len(record["tensors"])
+    path = tmp_path / "m.gguf"
+    summary = write_gguf(model, tok, path, "q4_0")
+    assert summary["quant_aware"] == {"grid": "q4_0", "tensors": len(record["tensors"]), "kept_f16": [],
+                                      "exact": True}
+    assert summary["tensor_types"].get("f16", 0) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).state_dict()
+    for name in record["tensors"]:
+        assert torch.equal(back[name], trained[name]), name
+    # A Q8_0 file of it is an ordinary export, said so.
+    assert write_gguf(model, tok, tmp_path / "m8.gguf", "q8_0")["quant_aware"]["exact"] is False
+
+    # Changed after training (off the grid): refused, nothing written.
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(1e-3)
+    with pytest.raises(GGUFExportError, match="no longer on it"):
+        write_gguf(model, tok, tmp_path / "bad.gguf", "q4_0")
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+@pytest.mark.integration
+def test_quant_aware_resume_repeats_the_uninterrupted_run(tokenizer, tmp_path, data_file):  # noqa: F811
+    t, s = _pair(tmp_path, tokenizer)
+    common = dict(teacher=t, student=s, data=str(data_file), max_steps=4, batch_size=2, lr=3e-3, log_every=1,
+                  quant_aware="q8_0", save_every=2, keep_checkpoints=5)
+    run_distill(DistillConfig(out=str(tmp_path / "full"), **common))
+    # The same run stopped after its step-2 checkpoint: drop what came after, then resume.
+    import shutil
+
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    cut = tmp_path / "cut"
+    for p in ["model.safetensors", "meta.json"]:
+        (cut / p).unlink()
+    run_distill(DistillConfig(out=str(cut), **common), resume=True)
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quant_aware_config_errors():
+    base = dict(teacher="t", student="s", data="d")
+    with pytest.raises(ValueError, match="method full"):
+        DistillConfig(**base, quant_aware="q4_0", method="lora")
+    with pytest.raises(ValueError, match="quant_aware is not"):
+        DistillConfig(**base, quant_aware_keep=["embed"])
+    with pytest.raises(ValueError, match="not a regular expression"):
+        DistillConfig(**base, quant_aware="q4_0", quant_aware_keep=["("])
+    with pytest.raises(ValueError, match="quant_aware"):
+        DistillConfig(**base, quant_aware="q3_k")
+
