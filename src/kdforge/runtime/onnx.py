@@ -13,6 +13,7 @@ works without them.
 - ``target_logits`` / ``sequence_logits`` run plain ``onnxruntime`` on the same ``model.onnx`` with an
   empty KV cache (past length 0), which returns logits at every position; that session is opened when
   first needed and ``release_scoring`` frees it. One unpadded sequence per call.
+- `kdforge serve` runs the same generator one request at a time (`kdforge.serve.onnx.OnnxEngine`).
 - Not done: batched decoding (ORT GenAI batches only prompts of one length here), KV reuse across
   calls, devices other than the CPU (the folder is built for the CPU execution provider).
 """
@@ -97,7 +98,8 @@ class OnnxRuntime(CausalLM):
         return cls(Path(spec).expanduser(), threads)
 
     # ---- sessions ----------------------------------------------------------------------------
-    def _genai_model(self):
+    def genai_model(self):
+        """The og.Model, opened on first use (CPU execution provider, ``threads`` intra-op threads)."""
         if self._model is None:
             og = import_genai()
             cfg = og.Config(str(self.folder))
@@ -168,15 +170,17 @@ class OnnxRuntime(CausalLM):
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
 
-    def _generator(self, max_length: int):
+    def new_generator(self, max_length: int):
+        """A fresh og.Generator for one sequence of at most ``max_length`` tokens (prompt included; the
+        folder's GroupQueryAttention allocates its KV buffer for all of them up front)."""
         og = import_genai()
-        model = self._genai_model()
+        model = self.genai_model()
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=max_length, do_sample=False)
         return og.Generator(model, params)
 
     @staticmethod
-    def _last(gen) -> np.ndarray:
+    def last_logits(gen) -> np.ndarray:
         return np.asarray(gen.get_logits())[0, -1]  # (V,) logits after the last appended token
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int],
@@ -196,11 +200,11 @@ class OnnxRuntime(CausalLM):
                                  f"({self.context} tokens)")
             generator = generators[i] if generators is not None else make_generator(params.seed)
             steps = min(params.max_tokens, self.context - len(prompt))
-            gen = self._generator(len(prompt) + steps)
+            gen = self.new_generator(len(prompt) + steps)
             gen.append_tokens(prompt)
             answer: list[int] = []
             for step in range(steps):
-                logits = torch.from_numpy(np.array(self._last(gen)[:vocab], dtype=np.float32))  # (vocab,)
+                logits = torch.from_numpy(np.array(self.last_logits(gen)[:vocab], dtype=np.float32))  # (vocab,)
                 token = sample_token(logits, params, generator)
                 if token in stops:
                     break
@@ -217,13 +221,13 @@ class OnnxRuntime(CausalLM):
 
         def timed(n: int) -> tuple[float, float]:
             t0 = time.perf_counter()
-            gen = self._generator(len(prompt_ids) + n)
+            gen = self.new_generator(len(prompt_ids) + n)
             gen.append_tokens(prompt_ids)
-            token = int(self._last(gen).argmax())
+            token = int(self.last_logits(gen).argmax())
             first = time.perf_counter() - t0
             for _ in range(n - 1):
                 gen.append_tokens([token])
-                token = int(self._last(gen).argmax())
+                token = int(self.last_logits(gen).argmax())
             return first, time.perf_counter() - t0
 
         timed(4)  # warm-up

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.models.loading import EMBEDDED_PREFIX, end_of_turn_ids, load_model
-from kdforge.runtime import BACKENDS, LLAMA_CPP, TRANSFORMERS, backend_for
+from kdforge.runtime import BACKENDS, LLAMA_CPP, ONNX_GENAI, TRANSFORMERS, backend_for
 from kdforge.serve.engine import BaseEngine
 
 API_KEY_ENV = "KDFORGE_API_KEY"
@@ -31,13 +31,15 @@ def load_engine(spec: str, backend: str = "auto", device: str = "auto", dtype: s
 
     The backend is `kdforge.runtime.backend_for`'s choice: ``auto`` picks llama.cpp for a .gguf file
     when ``llama-cpp-python`` is installed, else transformers (which reads GGUF files too,
-    dequantized to fp32/bf16); HF folders always run in transformers.
+    dequantized to fp32/bf16); HF folders always run in transformers; a folder with ``genai_config.json``
+    (``kdforge export --to onnx``) runs in ONNX Runtime GenAI, one request at a time.
     """
     opts = {"device": device, "dtype": dtype, "max_batch": max_batch, "max_model_len": max_model_len,
             "max_tokens_cap": max_tokens_cap, "trust_remote_code": trust_remote_code}
     resolved = backend_for(spec, backend)
     if resolved not in _ENGINES:
-        raise ValueError(f"kdforge serve runs a local model (HF folder, GGUF file, embedded:NAME), not {spec}")
+        raise ValueError(f"kdforge serve runs a local model (HF folder, GGUF file, ONNX Runtime GenAI folder, "
+                         f"embedded:NAME), not {spec}")
     return _ENGINES[resolved](spec, **opts).start()
 
 
@@ -57,8 +59,20 @@ def _llama_cpp_engine(spec: str, max_model_len: int | None, max_tokens_cap: int 
     return LlamaCppEngine.from_gguf(spec, max_model_len=max_model_len, max_tokens_cap=max_tokens_cap)
 
 
+def _onnx_engine(spec: str, device: str, max_batch: int, max_model_len: int | None, max_tokens_cap: int | None,
+                 **_: object) -> BaseEngine:
+    from kdforge.serve.onnx import OnnxEngine
+
+    # One sequence at a time on the folder's own types, on the CPU: max_batch and dtype do not apply.
+    if max_batch > 1:
+        logging.getLogger("kdforge.serve").info(
+            "%s: ONNX Runtime GenAI answers one request at a time (max_batch %d does not apply); concurrent "
+            "requests queue", spec, max_batch)
+    return OnnxEngine.from_folder(spec, max_model_len=max_model_len, max_tokens_cap=max_tokens_cap, device=device)
+
+
 # The batching engine of each runtime backend (serve's engines keep their own KV caches across steps).
-_ENGINES = {TRANSFORMERS: _transformers_engine, LLAMA_CPP: _llama_cpp_engine}
+_ENGINES = {TRANSFORMERS: _transformers_engine, LLAMA_CPP: _llama_cpp_engine, ONNX_GENAI: _onnx_engine}
 
 
 def configure_logging() -> None:
