@@ -181,3 +181,65 @@ def test_export_config_quant_names_follow_the_format():
         ExportConfig(model="m", to="onnx", quant=["q8_0"])
     with pytest.raises(ValidationError):
         ExportConfig(model="m", quant=["int4"])  # an ONNX type for GGUF
+
+
+def test_bytes_on_disk_counts_the_graph_and_its_weights(exports):
+    from kdforge.eval.speed import bytes_on_disk
+
+    folder, summary = exports("llama", "fp32")
+    graph = [p for p in folder.iterdir() if p.name.endswith((".onnx", ".onnx.data"))]
+    assert {p.name for p in graph} >= {"model.onnx"}
+    assert bytes_on_disk(str(folder)) == sum(p.stat().st_size for p in graph) > 0
+    assert bytes_on_disk(str(folder)) < summary["bytes"]  # the tokenizer, configs and card are no weights
+
+
+def test_onnx_folder_has_a_model_card(exports, hf_dirs):
+    from kdforge.models.model_card import read_front_matter, refresh_model_card
+
+    for quant in ("fp32", "int4"):
+        folder, summary = exports("llama", quant)
+        meta = read_front_matter(folder)
+        assert meta["library_name"] == "onnxruntime-genai" and meta["pipeline_tag"] == "text-generation"
+        assert {"onnx", "onnxruntime-genai", quant} <= set(meta["tags"])
+        assert ("quantized" in meta["tags"]) == (quant != "fp32")
+        text = (folder / "README.md").read_text()
+        assert "kdforge export --to onnx" in text and "## Round trip against the source" in text
+        assert "import onnxruntime_genai as og" in text and "`kdforge serve" in text
+        info = json.loads((folder / "kdforge.json").read_text())
+        assert info["roundtrip"]["top1"] == summary["roundtrip"]["logits"]["answers"]["top1"]
+        assert info["builder"]["execution_provider"] == "cpu"
+    # kdforge eval rewrites it with its figures (record_evaluation -> refresh_model_card)
+    folder, _ = exports("llama", "fp32")
+    fig = {"kl": 0.0, "top1": 1.0, "disk_mb": 1.5}
+    assert refresh_model_card(folder, {"report": "r.json", "data": "d", "split": "validation", "examples": 3,
+                                       "models": 2, "created": "2026-12-02", "teacher": fig, "model": fig})
+    assert "`kdforge eval` of 2026-12-02" in (folder / "README.md").read_text()
+
+
+def test_eval_with_an_onnx_student(exports, hf_dirs, tmp_path):
+    """A whole `kdforge eval` report with the fp32 ONNX folder as a student: it agrees with its HF source, its
+    runtime, disk size (the .onnx graph and its .onnx.data) and batch-1 speed are in the report, and its card
+    gets the figures."""
+    from kdforge.cli import main
+    from kdforge.eval.speed import bytes_on_disk
+
+    folder, _ = exports("llama", "fp32")
+    src = str(hf_dirs["llama"])
+    rows = [{"id": f"v{i}", "prompt": f"What is {i} plus {i}?", "split": "validation", "category": "math"}
+            for i in range(3)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["generate", src, "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "gen"),
+                 "--max-new-tokens", "6"]) == 0
+    assert main(["eval", "--teacher", src, "--students", src, str(folder), "--names", "hf", "onnx",
+                 "--data", str(tmp_path / "gen"), "--out", str(tmp_path / "ev"), "--task-limit", "1",
+                 "--set", "task_max_new_tokens=4", "--set", "code_max_new_tokens=4", "--set", "stability_prompts=1",
+                 "--set", "stability_samples=2", "--set", "stability_max_new_tokens=4", "--set", "decode_tokens=4",
+                 "--set", "speed_batch=2", "--set", "threads=1", "--set", "plots=false"]) == 0
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    hf, onnx = report["models"][1], report["models"][2]
+    assert (hf["backend"], onnx["backend"]) == (TRANSFORMERS, ONNX_GENAI)
+    assert onnx["top1"] == 1.0 and onnx["kl"] < 1e-6 and abs(onnx["nll"] - hf["nll"]) < 1e-4
+    assert onnx["params_m"] == pytest.approx(hf["params_m"])
+    assert onnx["size"]["disk_bytes"] == bytes_on_disk(str(folder)) > 0
+    assert onnx["speed"]["decode_tokens_per_s_b1"] > 0 and onnx["speed"]["decode_tokens_per_s_bn"] is None
+    assert "`kdforge eval` of" in (folder / "README.md").read_text()

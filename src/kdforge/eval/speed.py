@@ -28,12 +28,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+# .onnx.data: the external weights of an .onnx graph (ONNX Runtime GenAI folders)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".onnx", ".onnx.data")
 
 
 def bytes_on_disk(spec: str) -> int:
     """Bytes of the weight files a model spec points to (a GGUF file: its size; an HF folder: its
-    weight files; the embedded teacher: its shipped GGUF)."""
+    weight files; an ONNX Runtime GenAI folder: its .onnx graph and .onnx.data weights; the embedded
+    teacher: its shipped GGUF)."""
     from kdforge.models.loading import EMBEDDED_PREFIX, embedded_gguf_path
 
     if spec.startswith(EMBEDDED_PREFIX):

@@ -6,7 +6,9 @@ Attention; int4 as ``MatMulNBits``). It runs as a subprocess (``python -m onnxru
 -i HF -o OUT -p fp32|int8|int4 -e cpu``): its Python entry point is a script's ``main`` whose options
 change between releases, its command line less so. The folder then gets the source's own HF tokenizer
 (the builder re-saves it, dropping the chat template from ``tokenizer_config.json``), ``config.json``,
-``generation_config.json`` and ``genai_config.json`` with every end-of-turn id, and ``kdforge.json``.
+``generation_config.json`` and ``genai_config.json`` with every end-of-turn id, ``kdforge.json`` (source,
+quant, parameters, builder options, the round trip's headline figures) and a model card (``README.md``,
+`kdforge.models.model_card.write_onnx_card`, library ``onnxruntime-genai``).
 
 Round trip: logits of the exported ``model.onnx`` (plain onnxruntime, empty KV cache, every position)
 against the source's on the export's validation texts (`kdforge.export.roundtrip`): max |Δlogit|, top-1
@@ -143,10 +145,28 @@ def export_onnx(model, tokenizer, spec: str, out: str | Path, quant: str, sets: 
         source = _source_folder(model, tokenizer, spec, scratch)
         built = run_builder(source, out, quant, scratch / "cache", extra_options)
     complete_onnx_folder(out, model, tokenizer, spec, quant)
-    summary: dict[str, Any] = {"quant": quant, "bytes": folder_bytes(out), "builder": built}
+    summary: dict[str, Any] = {"quant": quant, "bytes": 0, "builder": built}
     if sets is not None and ref is not None:
         summary["roundtrip"] = onnx_roundtrip(out, tokenizer, sets, ref)
+    write_card(out, built, extra_options, summary.get("roundtrip"))
+    summary["bytes"] = folder_bytes(out)
     return summary
+
+
+def write_card(folder: Path, built: dict[str, Any], extra_options: dict[str, Any] | None,
+               rt: dict[str, Any] | None) -> Path:
+    """The builder's options and time and the round trip's headline figures into kdforge.json, then the model
+    card (README.md) from it (eval rewrites the card later with its figures)."""
+    from kdforge.models.model_card import write_onnx_card
+
+    path = folder / "kdforge.json"
+    info = json.loads(path.read_text(encoding="utf-8"))
+    info["builder"] = {"options": dict(extra_options or {}), "seconds": built.get("seconds"),
+                       "execution_provider": "cpu"}
+    if rt is not None:
+        info["roundtrip"] = metrics(rt)
+    atomic_write_json(path, info)
+    return write_onnx_card(folder)
 
 
 def judge(quant: str, rt: dict[str, Any]) -> list[str]:

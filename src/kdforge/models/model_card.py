@@ -26,6 +26,9 @@ from kdforge.artifacts import CONFIG_NAME, atomic_write_json, atomic_write_text,
 
 CARD_NAME = "README.md"
 MODEL_STAGES = ("student", "distill", "quantize")  # the stages whose folders are HF model folders with a card
+# An ONNX Runtime GenAI folder (`kdforge export --to onnx`): no meta.json of its own; its facts are in kdforge.json.
+ONNX_STAGE = "onnx"
+ONNX_INFO = "kdforge.json"
 
 # Embedded models' upstream repositories and licenses (kdforge.models.embedded ships their GGUF files).
 KNOWN_MODELS = {"smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
@@ -38,11 +41,11 @@ class Card:
     """The facts a model card states; every field but ``name`` and ``stage`` may be empty."""
 
     name: str
-    stage: str                                         # student | distill | quantize
+    stage: str                                         # student | distill | quantize | onnx
     license: str | None = None                         # None: "other", with a sentence saying it is unknown
     license_from: str | None = None                    # where the license was read
     base_models: list[str] = field(default_factory=list)
-    relation: str = "finetune"                         # the Hub has no "distillation" relation
+    relation: str | None = "finetune"                  # the Hub has no "distillation" relation; None: left out
     tags: list[str] = field(default_factory=list)
     model: dict[str, Any] = field(default_factory=dict)     # architecture, parameters, layers, vocabulary
     teacher: dict[str, Any] | None = None              # spec, hub_id
@@ -53,6 +56,8 @@ class Card:
     training: dict[str, Any] = field(default_factory=dict)    # final train / validation figures
     evaluation: dict[str, Any] | None = None
     end_of_turn: list[int] = field(default_factory=list)
+    library_name: str = "transformers"                 # what reads the folder (onnxruntime-genai for ONNX)
+    roundtrip: dict[str, Any] = field(default_factory=dict)  # an export's figures against its source
 
 
 def _fmt(v: Any) -> str:
@@ -69,11 +74,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def front_matter(card: Card) -> dict[str, Any]:
-    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation",
+    meta: dict[str, Any] = {"library_name": card.library_name, "pipeline_tag": "text-generation",
                             "license": card.license or "other"}
     if card.base_models:
         meta["base_model"] = card.base_models if len(card.base_models) > 1 else card.base_models[0]
-        meta["base_model_relation"] = card.relation
+        if card.relation:
+            meta["base_model_relation"] = card.relation
     meta["tags"] = list(dict.fromkeys(["distillation", "kdforge", *card.tags]))
     return meta
 
@@ -84,9 +90,14 @@ def render_card(card: Card) -> str:
            f"# {card.name}", ""]
     what = {"student": "a student model cut from its teacher by kdforge, not yet distilled",
             "distill": "a student model distilled from its teacher by kdforge",
-            "quantize": "a weight-quantised copy of a kdforge model"}[card.stage]
-    out.append(f"This folder holds {what}. Written by `kdforge {card.stage}`; this card is generated from the "
-               "folder's config.yaml, meta.json and training log (docs/model-cards.md).")
+            "quantize": "a weight-quantised copy of a kdforge model",
+            ONNX_STAGE: "an ONNX Runtime GenAI export of a model (graph and tokenizer for the CPU)"}[card.stage]
+    if card.stage == ONNX_STAGE:
+        out.append(f"This folder holds {what}. Written by `kdforge export --to onnx`; this card is generated from "
+                   f"the folder's {ONNX_INFO} (docs/model-cards.md).")
+    else:
+        out.append(f"This folder holds {what}. Written by `kdforge {card.stage}`; this card is generated from the "
+                   "folder's config.yaml, meta.json and training log (docs/model-cards.md).")
     if card.license is None:
         out += ["", "**License:** unknown. kdforge could not read the teacher's license (from its README.md, config "
                 "or GGUF metadata), so the metadata says `other`; the teacher's terms apply to this model."]
@@ -109,6 +120,9 @@ def render_card(card: Card) -> str:
                                             for d in card.data])]
     if card.recipe:
         out += ["", "## Recipe", "", _table(["setting", "value"], [[k, v] for k, v in card.recipe.items()])]
+    if card.roundtrip:
+        out += ["", "## Round trip against the source", "",
+                _table(["figure", "value"], [[k, v] for k, v in card.roundtrip.items()])]
     if card.training:
         out += ["", "## Training figures (last log rows)", "",
                 _table(["figure", "value"], [[k, v] for k, v in card.training.items()])]
@@ -136,6 +150,8 @@ def _evaluation(ev: dict[str, Any]) -> str:
 
 
 def _usage(card: Card) -> str:
+    if card.stage == ONNX_STAGE:
+        return _onnx_usage(card)
     quant = card.stage == "quantize"
     return "\n".join([
         "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
@@ -150,6 +166,31 @@ def _usage(card: Card) -> str:
         *([] if quant else ["- `kdforge export PATH/TO/THIS/FOLDER --quant q8_0`: a GGUF file for llama.cpp / Ollama.",
                             "- `kdforge eval --teacher TEACHER --students PATH/TO/THIS/FOLDER --data DATA`: compare "
                             "it with its teacher (and write the figures into this card)."]),
+        "", f"End-of-turn token ids: {_fmt(card.end_of_turn) if card.end_of_turn else '–'}."])
+
+
+def _onnx_usage(card: Card) -> str:
+    return "\n".join([
+        "## Use", "", "```python", "import onnxruntime_genai as og  # pip install onnxruntime-genai",
+        "from transformers import AutoTokenizer", "",
+        'path = "PATH/TO/THIS/FOLDER"',
+        "model = og.Model(path)",
+        "tok = AutoTokenizer.from_pretrained(path)  # the source's tokenizer and chat template",
+        'ids = tok.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True,',
+        '                              return_dict=True)["input_ids"]',
+        "params = og.GeneratorParams(model)",
+        "params.set_search_options(max_length=len(ids) + 64)",
+        "gen = og.Generator(model, params)",
+        "gen.append_tokens(ids)",
+        "answer = []",
+        "while not gen.is_done():  # greedy; stops at every end-of-turn id (genai_config.json)",
+        "    gen.generate_next_token()",
+        "    answer.append(int(gen.get_next_tokens()[0]))",
+        "print(tok.decode(answer, skip_special_tokens=True))", "```", "",
+        "- `kdforge serve PATH/TO/THIS/FOLDER`: an OpenAI-compatible server (one request at a time) and a chat "
+        "page; `kdforge chat PATH/TO/THIS/FOLDER` in the terminal.",
+        "- `kdforge eval --teacher TEACHER --students PATH/TO/THIS/FOLDER --data DATA`: compare it with its "
+        "teacher (and write the figures into this card).",
         "", f"End-of-turn token ids: {_fmt(card.end_of_turn) if card.end_of_turn else '–'}."])
 
 
@@ -450,6 +491,64 @@ def quantize_card(folder: Path, config: dict[str, Any], meta: dict[str, Any]) ->
     return card
 
 
+ONNX_QUANT_WORDS = {"fp32": "fp32 weights: the source's arithmetic",
+                    "int8": "MatMul weights as int8 `MatMulNBits` blocks",
+                    "int4": "MatMul weights as int4 `MatMulNBits` blocks"}
+ROUNDTRIP_FIGURES = (("top1", "top-1 agreement with the source (its answers)"),
+                     ("kl", "KL(source ‖ export), nats/token"), ("nll_delta", "ΔNLL of the source's answers"),
+                     ("max_abs_diff", "max |Δlogit|"), ("top1_prompt_text", "top-1 agreement on prompt text"),
+                     ("tokenizer_match", "tokenizer read back: same ids"),
+                     ("genai_tokenizer_match", "ORT GenAI's tokenizer: same ids"))
+
+
+def is_onnx_model_folder(folder: str | Path) -> bool:
+    """A folder `kdforge export --to onnx` wrote: genai_config.json and kdforge.json."""
+    folder = Path(folder)
+    return (folder / "genai_config.json").is_file() and (folder / ONNX_INFO).is_file()
+
+
+def onnx_card(folder: str | Path, evaluation: dict[str, Any] | None = None) -> Card:
+    """The card of an ONNX Runtime GenAI folder from its kdforge.json (source, quant, parameters, builder options,
+    round trip; kdforge.export.onnx writes it) and config.json."""
+    folder = Path(folder)
+    info = json.loads((folder / ONNX_INFO).read_text(encoding="utf-8"))
+    source, quant = info.get("source"), info.get("quant")
+    lic, lic_from = model_license(source)
+    own = hub_id(source)
+    quantised = quant not in (None, "fp32")
+    # A Hub model converted: "quantized" when int8/int4, no relation for an fp32 conversion (the Hub infers it);
+    # a local kdforge model: its own bases, of which it is a fine-tune (as a quantize folder's card says).
+    bases, relation = ([own], "quantized" if quantised else None) if own else (base_models(source), "finetune")
+    card = Card(Path(folder).name, ONNX_STAGE, lic, lic_from, bases, relation=relation,
+                tags=["onnx", "onnxruntime-genai", *([quant] if quant else []), *(["quantized"] if quantised else [])],
+                model=model_facts(folder, info.get("parameters")), source=source, library_name="onnxruntime-genai")
+    if lic_from:
+        card.license_from = f"the source model's: {lic_from}"
+    card.model["quantisation"] = f"ONNX {quant}" if quant else None
+    builder = info.get("builder") or {}
+    options = builder.get("options") or {}
+    opts = ", ".join(f"`{k}={v}`" for k, v in options.items()) or "its defaults"
+    card.built.append(f"exported from `{source}` by `kdforge export --to onnx --quant {quant}`: the ONNX Runtime "
+                      f"GenAI model builder for the CPU execution provider ({opts}"
+                      + (f", {builder['seconds']} s" if builder.get("seconds") is not None else "") + ").")
+    if quant in ONNX_QUANT_WORDS:
+        card.built.append(f"{quant}: {ONNX_QUANT_WORDS[quant]}.")
+    card.built.append("beside the graph (model.onnx, model.onnx.data): the source's HF tokenizer, config.json, "
+                      "generation_config.json and genai_config.json with every end-of-turn id.")
+    rt = info.get("roundtrip") or {}
+    card.roundtrip = {label: rt[k] for k, label in ROUNDTRIP_FIGURES if rt.get(k) is not None}
+    card.evaluation = evaluation
+    card.end_of_turn = _generation_eos(folder)
+    return card
+
+
+def write_onnx_card(folder: str | Path, evaluation: dict[str, Any] | None = None) -> Path:
+    """Write an ONNX Runtime GenAI folder's README.md (atomically) from its kdforge.json; returns its path."""
+    path = Path(folder) / CARD_NAME
+    atomic_write_text(path, render_card(onnx_card(folder, evaluation)))
+    return path
+
+
 def build_card(folder: str | Path, stage: str, config: dict[str, Any], meta: dict[str, Any] | None = None,
                log_rows: list[dict[str, Any]] | None = None, params: int | None = None,
                evaluation: dict[str, Any] | None = None) -> Card:
@@ -492,6 +591,9 @@ def refresh_model_card(folder: str | Path, evaluation: dict[str, Any] | None = N
     """Rewrite the card of a finished kdforge model folder from its own config.yaml, meta.json and training log,
     with ``evaluation`` (an eval's figures for it). False, writing nothing, when it is no such folder."""
     folder = Path(folder)
+    if is_onnx_model_folder(folder):  # kdforge export --to onnx: the facts are in its kdforge.json
+        write_onnx_card(folder, evaluation)
+        return True
     try:
         meta = read_meta(folder)
     except (FileNotFoundError, ValueError):
