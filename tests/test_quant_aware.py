@@ -165,3 +165,59 @@ def test_quant_aware_config_errors():
     with pytest.raises(ValueError, match="quant_aware"):
         DistillConfig(**base, quant_aware="q3_k")
 
+
+
+def _matmul_nbits_weights(model_path) -> dict[str, "torch.Tensor"]:
+    """Each MatMulNBits node's weight as ONNX Runtime computes with it: (N, K) float32 = (q - 8) * scale, the
+    4-bit values packed two per byte, low nibble first, blocks of ``block_size`` along K (symmetric: no zero
+    point input, 8 implied)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(model_path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    out = {}
+    for node in graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a = {x.name: x.i for x in node.attribute}
+        assert a["bits"] == 4 and (len(node.input) < 4 or not node.input[3]), "symmetric int4 expected"
+        packed = numpy_helper.to_array(inits[node.input[1]])  # (N, K / block, block / 2) uint8
+        scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(a["N"], -1)  # (N, K/block)
+        q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(a["N"], -1)[:, :a["K"]].astype(np.float32)
+        out[node.name] = torch.from_numpy((q - 8) * np.repeat(scales, a["block_size"], axis=1)[:, :a["K"]])
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_int4_training_then_onnx_int4_holds_the_trained_weights(tokenizer, tmp_path, data_file, arch):  # noqa: F811
+    """`--quant-aware int4` then ONNX Runtime GenAI's int4 builder (MatMulNBits, RTN, symmetric blocks of 32):
+    every quantised matrix of the ONNX file is the trained one bit for bit (q, k, v fused by the builder)."""
+    pytest.importorskip("onnxruntime_genai", reason="the onnx extra (pip install 'kdforge[onnx]')")
+    from safetensors.torch import load_file
+
+    from kdforge.export.onnx import run_builder
+
+    t, s = _pair(tmp_path, tokenizer, arch)
+    out = tmp_path / "qat"
+    run_distill(DistillConfig(teacher=t, student=s, data=str(data_file), out=str(out), max_steps=2, batch_size=2,
+                              lr=3e-3, quant_aware="int4"))
+    trained = load_file(out / "model.safetensors")
+    run_builder(str(out), tmp_path / "onnx", "int4", tmp_path / "cache", None)
+    weights = _matmul_nbits_weights(tmp_path / "onnx" / "model.onnx")
+    layers = {int(k.split(".")[2]) for k in trained if k.startswith("model.layers.")}
+    expected = {}
+    for i in layers:
+        p = f"model.layers.{i}."
+        expected[f"/model/layers.{i}/attn/qkv_proj/MatMul_Q4"] = torch.cat(
+            [trained[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        for name, hf in [("attn/o_proj", "self_attn.o_proj"), ("mlp/gate_proj", "mlp.gate_proj"),
+                         ("mlp/up_proj", "mlp.up_proj"), ("mlp/down_proj", "mlp.down_proj")]:
+            expected[f"/model/layers.{i}/{name}/MatMul_Q4"] = trained[p + hf + ".weight"]
+    head = trained.get("lm_head.weight", trained["model.embed_tokens.weight"])
+    expected["/lm_head/MatMul_Q4"] = head
+    assert set(expected) <= set(weights), sorted(weights)
+    for name, w in expected.items():
+        assert torch.equal(weights[name], w), name
