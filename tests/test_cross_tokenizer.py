@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from kdforge.config import ConfigError
 from kdforge.data.chat import encode_conversation
 from kdforge.distill.cross_losses import (
+    UNSHARED,
     TeacherFirst,
     dense_teacher,
     hybrid,
@@ -27,7 +28,7 @@ from kdforge.distill.cross_losses import (
     uld,
 )
 from kdforge.distill.cross_teacher import Tokenizers, target_ids
-from kdforge.distill.cross_tokenizer import SENTINEL, SharedVocab, Span, align, spelled
+from kdforge.distill.cross_tokenizer import SENTINEL, SharedVocab, Span, align, prefix_map, shared_vocab, spelled
 from kdforge.distill.losses import DIVERGENCES, divergence
 from tests.conftest import make_tiny, write_conversations
 from tests.tokenizer_kit import byte_level_bpe, sentencepiece_bpe
@@ -109,24 +110,27 @@ def test_uld_identical_is_zero_and_grows_with_difference():
     assert perm.abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("unshared", UNSHARED)
 @pytest.mark.parametrize("kind", DIVERGENCES)
-def test_hybrid_with_identical_tokenizers_is_the_same_tokenizer_divergence(kind):
+def test_hybrid_with_identical_tokenizers_is_the_same_tokenizer_divergence(kind, unshared):
     """The limit test: every token shared, every span one token -> exactly the ordinary divergence, values and
-    gradients (bitwise)."""
+    gradients (bitwise), whatever becomes of unshared mass (there is none)."""
     s, t = _spans_of(9, 64)
     s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
     ref = divergence(s1, t, kind, temperature=2.0, beta=0.3, skew=0.2)
     m = torch.arange(9)
     teacher = dense_teacher(t, torch.zeros(9, dtype=torch.long), m, EMPTY, EMPTY, 2.0)
     first, cont = span_student(F.log_softmax(s2 / 2.0, -1), torch.zeros(9, dtype=torch.long), m, EMPTY, EMPTY, 9)
-    vocab = SharedVocab(torch.arange(64), torch.zeros(64, dtype=torch.bool))
-    got = hybrid(first, cont, teacher, vocab, kind, beta=0.3, skew=0.2)
+    table = [bytes([65 + i % 26]) * (1 + i // 26) for i in range(64)]
+    vocab = shared_vocab(table, table, [], [])
+    assert torch.equal(vocab.t2s, torch.arange(64)) and torch.equal(vocab.prefix, torch.arange(64))
+    got = hybrid(first, cont, teacher, vocab, kind, beta=0.3, skew=0.2, unshared=unshared)
     assert torch.equal(got, ref)
     # multi_token "binary": every span is one token on both sides, so nothing changes (values bitwise).
     multi = multi_token_spans(9, EMPTY, EMPTY)
     assert not multi.any()
     binary = hybrid(first, cont, teacher, vocab, kind, beta=0.3, skew=0.2, multi=multi,
-                    s_own=torch.zeros(9, dtype=torch.long))
+                    s_own=torch.zeros(9, dtype=torch.long), unshared=unshared)
     assert torch.equal(binary, ref)
     ref.sum().backward()
     got.sum().backward()
@@ -234,6 +238,99 @@ def test_hybrid_unshared_tokens_use_uld_and_spans_continue():
     assert s.grad.abs().sum() > 0 and s.grad[1].abs().sum() > 0  # the continuation row gets a gradient
 
 
+def _unshared_case():
+    """One one-token span. Teacher ids [" a", " b", " Paris", "y", " Part"], p = [.4, .2, .2, .1, .1]; student ids
+    [" a", " b", " Par", "z"], q = [.3, .3, .2, .2]: " Paris" and " Part" have no student counterpart but start
+    with " Par"; "y" starts with no student token, "z" is no teacher token."""
+    t_table, s_table = [b" a", b" b", b" Paris", b"y", b" Part"], [b" a", b" b", b" Par", b"z"]
+    vocab = shared_vocab(t_table, s_table, [], [])
+    q = torch.tensor([[0.3, 0.3, 0.2, 0.2]])
+    s = q.log().requires_grad_()
+    first, cont = span_student(F.log_softmax(s, -1), torch.tensor([0]), torch.tensor([0]), EMPTY, EMPTY, 1)
+    p = torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]])
+    teacher = dense_teacher(p.log(), torch.tensor([0]), torch.tensor([0]), EMPTY, EMPTY, 1.0)
+    return s, first, cont, teacher, vocab
+
+
+def test_prefix_map_takes_the_longest_student_prefix():
+    t_table = [b" a", b" Paris", b" Part", b"y", None, b" a", b""]
+    s_table = [b" a", b" P", b" Par", None, b"z"]
+    vocab = shared_vocab(t_table, s_table, [], [])
+    assert vocab.t2s.tolist() == [0, -1, -1, -1, -1, -1, -1]
+    # " Paris"/" Part" -> " Par" (not " P"); a second teacher " a" -> the student's " a"; a control token, text
+    # no student token starts, an empty token: none.
+    assert vocab.prefix.tolist() == [0, 2, 2, -1, -1, 0, -1]
+    assert prefix_map(t_table, {b" a": 0, b" P": 1}, vocab.t2s).tolist() == [0, 1, 1, -1, -1, 0, -1]
+    t2s, s_unmapped = vocab.mapping("map_prefix")
+    assert torch.equal(t2s, vocab.prefix) and s_unmapped.tolist() == [False, True, False, True, True]
+    assert vocab.mapping("renormalise") == (vocab.t2s, vocab.s_unmapped)
+
+
+def test_unshared_renormalise_hand_checked():
+    """renormalise: both sides over the shared ids [" a", " b"] only: teacher [2/3, 1/3], student [1/2, 1/2]."""
+    s, first, cont, teacher, vocab = _unshared_case()
+    got = hybrid(first, cont, teacher, vocab, "forward_kl", uld_weight=0.0, unshared="renormalise")
+    want = 2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(2 / 3)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    # The default (uld) keeps the unshared mass in a rest bin (teacher .4, student .4: " Par" and "z" are
+    # outside the shared bins): another value.
+    old = hybrid(first, cont, teacher, vocab, "forward_kl", uld_weight=0.0)
+    assert old.item() == pytest.approx(0.4 * math.log(4 / 3) + 0.2 * math.log(2 / 3), rel=1e-5)
+    # The gradient only moves the student within the shared ids: its logits of " Par" and "z" get none.
+    got.sum().backward()
+    g = s.grad[0]
+    assert g[0] < 0 < g[1] and g[2] == 0 and g[3] == 0
+
+
+def test_unshared_map_prefix_hand_checked():
+    """map_prefix: " Paris" and " Part" (.2 + .1) onto the student's " Par"; "y" (.1) stays in the rest bin against
+    the student's "z" (.2): forward KL over [" a", " b", " Par", rest]."""
+    s, first, cont, teacher, vocab = _unshared_case()
+    got = hybrid(first, cont, teacher, vocab, "forward_kl", uld_weight=0.0, unshared="map_prefix")
+    want = 0.4 * math.log(4 / 3) + 0.2 * math.log(2 / 3) + 0.3 * math.log(3 / 2) + 0.1 * math.log(1 / 2)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    got.sum().backward()
+    assert s.grad[0, 2] < 0  # " Par" is raised toward the teacher's .3 (a gradient step lowers the loss)
+    # With ULD kept: "y" vs "z" by rank, |.1 - .2| more.
+    with_uld = hybrid(first, cont, teacher, vocab, "forward_kl", uld_weight=1.0, unshared="map_prefix")
+    assert with_uld.item() == pytest.approx(want + 0.1, rel=1e-5)
+    with pytest.raises(ValueError, match="unshared"):
+        hybrid(first, cont, teacher, vocab, unshared="drop")
+
+
+@pytest.mark.parametrize("unshared", ["renormalise", "map_prefix"])
+def test_unshared_options_cached_teacher_equals_live(unshared):
+    """Through cross_terms, a cache holding the whole teacher vocabulary gives the live teacher's loss and
+    gradients; map_prefix sends teacher ids 6 and 2 to the same student id (merged in a cached row too)."""
+    from kdforge.distill.cross_losses import CrossObjective, cross_terms
+    from kdforge.distill.cross_teacher import CrossSignal
+    from kdforge.distill.cross_tokenizer import span_index
+    from kdforge.distill.losses import SparseSignal
+    from kdforge.softlabels.format import LOG_TAIL_FLOOR
+
+    g = torch.Generator().manual_seed(12)
+    v_s, v_t = 12, 10
+    t2s = torch.tensor([0, 1, 2, 3, 4, 5, -1, -1, 6, 7])
+    vocab = SharedVocab(t2s, torch.arange(v_s) >= 8, torch.tensor([0, 1, 2, 3, 4, 5, 2, -1, 6, 7]))
+    index = span_index([[Span(0, 2, 0, 1), Span(2, 3, 1, 2), Span(3, 4, 2, 4)]], [4], [4])
+    s_logits, t_logits = torch.randn(4, v_s, generator=g), torch.randn(4, v_t, generator=g) * 2
+    s_targets, t_actual = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 8])
+    lp = F.log_softmax(t_logits, -1)
+    top, ids = lp.sort(-1, descending=True)
+    cached = SparseSignal(ids, top, torch.full((4,), LOG_TAIL_FLOOR))
+    out = []
+    for obj in (CrossObjective(unshared=unshared, uld_weight=0.0), CrossObjective(uld_weight=0.0)):
+        for teacher, own in ((t_logits, None), (cached, lp.gather(1, t_actual[:, None])[:, 0])):
+            x = s_logits.clone().requires_grad_()
+            terms = cross_terms(x, s_targets, 0, CrossSignal(teacher, t_actual, own, index), vocab, v_t, 0.5, 2.0,
+                                obj)
+            terms["loss"].backward()
+            out.append((terms["soft"], x.grad))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[0][0], out[2][0])  # not the default's loss
+
+
 def test_span_top1_prefix_agreement():
     s_table = [b" Par", b"is", b" Lon", None]
     t_table = [b" Paris", b" London", None]
@@ -300,6 +397,27 @@ def test_uld_objective_trains_and_validation_reports_spans(tmp_path, toks):
     assert all(r["soft"] > 0 for r in rows if "soft" in r)
 
 
+def test_unshared_options_train_from_the_config(tmp_path, toks, monkeypatch):
+    """cross_tokenizer.unshared reaches the objective; uld_weight defaults to 1 with uld, 0 with the others."""
+    from kdforge.distill import cross_losses
+    from kdforge.stages.distill import CrossTokenizerSettings
+
+    assert CrossTokenizerSettings().unshared == "uld" and CrossTokenizerSettings().uld_weight is None
+    seen = []
+    orig = cross_losses.hybrid
+    monkeypatch.setattr(cross_losses, "hybrid", lambda *a, **k: seen.append((a[7], a[11])) or orig(*a, **k))
+    paths = _tiny_pair(tmp_path, toks)
+    for unshared, weight in (("uld", 1.0), ("renormalise", 0.0), ("map_prefix", 0.0)):
+        seen.clear()
+        rows = _distill(paths, tmp_path / unshared, teacher=paths["teacher"], max_steps=1,
+                        cross_tokenizer={"unshared": unshared})
+        assert rows[0]["soft"] > 0 and set(seen) == {(weight, unshared)}
+    seen.clear()
+    _distill(paths, tmp_path / "w", teacher=paths["teacher"], max_steps=1,
+             cross_tokenizer={"unshared": "map_prefix", "uld_weight": 0.5})
+    assert set(seen) == {(0.5, "map_prefix")}
+
+
 def test_same_tokenizer_cache_is_refused_for_a_student_with_another_tokenizer(tmp_path, toks):
     from kdforge.stages.label import LabelConfig
     from kdforge.stages.label import run as label
@@ -317,8 +435,9 @@ def test_alignment_losses_are_refused_across_tokenizers(tmp_path, toks):
         _distill(paths, tmp_path / "x", teacher=paths["teacher"], hidden_loss="cosine")
 
 
-@pytest.mark.parametrize("multi_token", ["first_token", "binary"])
-def test_trainer_cross_path_with_one_tokenizer_equals_the_same_tokenizer_path(tokenizer, multi_token):
+@pytest.mark.parametrize(("multi_token", "unshared"), [("first_token", "uld"), ("binary", "uld"),
+                                                      ("first_token", "renormalise"), ("binary", "map_prefix")])
+def test_trainer_cross_path_with_one_tokenizer_equals_the_same_tokenizer_path(tokenizer, multi_token, unshared):
     """The whole trainer step (chunking at span boundaries, CE, T², normalisation) through the cross-tokenizer
     path with teacher tokenizer = student tokenizer gives the same-tokenizer step's losses and gradients."""
     from kdforge.data.formats import Conversation
@@ -342,7 +461,7 @@ def test_trainer_cross_path_with_one_tokenizer_equals_the_same_tokenizer_path(to
         pairs = None
         if cross:
             setup = CrossSetup(Tokenizers.of(tokenizer, tokenizer), len(tokenizer),
-                               CrossObjective(multi_token=multi_token))
+                               CrossObjective(multi_token=multi_token, unshared=unshared))
             live = CrossTeacher(live, setup.toks)
             pairs = encode_pairs(setup.toks, encs, convs, 64)
             assert all(len(p.spans) == p.s_targets for p in pairs)

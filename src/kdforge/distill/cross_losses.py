@@ -31,6 +31,16 @@ the first-token comparison pushes the student's first token toward " Paris" and 
                side's own tokens), against anything else, bins [log P, log(1 − P)] vs [log Q, log(1 − Q)];
                no ULD there. One-token spans keep the shared-vocabulary divergence (and ULD), so with
                identical tokenizers (every span one token) it is the same-tokenizer divergence exactly.
+Unshared teacher mass (``CrossObjective.unshared``): what the hybrid does with the first-token probability of
+teacher ids that spell no student token (a trimmed student lacks most of a teacher's vocabulary).
+  uld          (default) it goes to the rest bin, and ULD compares it by rank with the student's mass on ids no
+               teacher id maps to.
+  renormalise  both first-token distributions over the shared ids only, each renormalised over them (the rest
+               bin keeps only "not continuing as written").
+  map_prefix   each unshared teacher id's mass moves to the student id spelling the longest prefix of its bytes
+               (SharedVocab.prefix: " Paris" -> " Par"), so several teacher ids may fill one student bin; ids no
+               student token begins stay in the rest bin.
+With identical tokenizers nothing is unshared and all three are the same-tokenizer divergence exactly.
 The cached teacher gives only its top-k at a span's first token (plus the tail mass): then the shared
 bins are the top-k's shared ids and the tail counts as unshared mass.
 """
@@ -135,14 +145,17 @@ def span_binary(s_span: Tensor, t_span: Tensor, kind: str = "forward_kl", beta: 
 
 def hybrid(s_first: Tensor, s_cont: Tensor, t: TeacherFirst, vocab: SharedVocab, kind: str = "forward_kl",
            beta: float = 0.5, skew: float = 0.1, uld_weight: float = 1.0, top_k: int = 64,
-           multi: Tensor | None = None, s_own: Tensor | None = None) -> Tensor:
+           multi: Tensor | None = None, s_own: Tensor | None = None, unshared: str = "uld") -> Tensor:
     """The divergence ``kind`` over [shared tokens..., the rest] plus ``uld_weight`` · ULD of the unshared
     tokens, per span. (M, V_s) student first-token log-probs, (M,) continuation, the teacher. -> (M,)
 
     ``multi`` (M,) bool: spans either side spells with several tokens, scored instead by :func:`span_binary`
     (the span as written vs not; multi_token "binary"); ``s_own`` (M,): the student's first tokens as
-    written (ids), needed with ``multi``, as is the teacher's ``own``."""
-    d = _hybrid_first(s_first, s_cont, t, vocab, kind, beta, skew, uld_weight, top_k)
+    written (ids), needed with ``multi``, as is the teacher's ``own``. ``unshared``: what becomes of the teacher's
+    mass on ids the student has no counterpart for (uld, renormalise, map_prefix: the module docstring)."""
+    if unshared not in UNSHARED:
+        raise ValueError(f"unshared {unshared!r}: choose one of {', '.join(UNSHARED)}")
+    d = _hybrid_first(s_first, s_cont, t, vocab, kind, beta, skew, uld_weight, top_k, unshared)
     if multi is None or not bool(multi.any()):
         return d
     if t.own is None or s_own is None:
@@ -151,44 +164,97 @@ def hybrid(s_first: Tensor, s_cont: Tensor, t: TeacherFirst, vocab: SharedVocab,
     return torch.where(multi, span_binary(s_span, t.own + t.cont, kind, beta, skew), d)
 
 
+def _group_logsumexp(x: Tensor, group: Tensor, n: int) -> Tensor:
+    """(M, L) log-probs -> (M, n): log Σ of the columns of each group (``group`` (L,) in 0..n-1). A group of
+    one column is that column exactly (log(e^0) + x)."""
+    idx = group[None, :].expand_as(x)
+    mx = x.new_full((x.shape[0], n), -math.inf).scatter_reduce(1, idx, x.detach(), "amax")
+    e = (x - mx.gather(1, idx)).exp()
+    return e.new_zeros(x.shape[0], n).index_add(1, group, e).log() + mx
+
+
+def _renormalised(bins: Tensor, present: Tensor | None = None) -> Tensor:
+    """Log-probs (M, S) renormalised over the bins (``present`` (M, S) bool: the others stay masked)."""
+    out = bins - torch.logsumexp(bins, dim=-1, keepdim=True)
+    return out if present is None else torch.where(present, out, _MASKED)
+
+
 def _hybrid_first(s_first: Tensor, s_cont: Tensor, t: TeacherFirst, vocab: SharedVocab, kind: str,
-                  beta: float, skew: float, uld_weight: float, top_k: int) -> Tensor:
+                  beta: float, skew: float, uld_weight: float, top_k: int, unshared: str = "uld") -> Tensor:
     fn = divergence_fn(kind, beta, skew)
-    t2s = vocab.t2s.to(s_first.device)
+    t2s, s_unmapped = vocab.mapping(unshared)
+    t2s, s_unmapped = t2s.to(s_first.device), s_unmapped.to(s_first.device)
     q = s_first.exp()                                                                  # (M, V_s)
     t_p = t.logp.exp()                                                                 # (M, K)
+    present = None
+    renorm = (True, True)  # whether each side (teacher, student) has mass outside the bins to renormalise away
     if t.ids is None:
         # A dense teacher: the same shared columns in every row, taken by index (no (M, V_t) index tensors).
         shared_t = (t2s >= 0).nonzero()[:, 0]                                          # (S,) teacher ids
-        t_bins = t.logp[:, shared_t] + t.cont[:, None]                                 # (M, S)
-        s_bins = s_first[:, t2s[shared_t]] + s_cont[:, None]                           # (M, S)
+        cols, group = torch.unique(t2s[shared_t], return_inverse=True)                 # (S',) student ids
+        if cols.numel() == shared_t.numel():                                           # one to one (t2s)
+            cols, t_first = t2s[shared_t], t.logp[:, shared_t]
+        else:                                                                          # map_prefix: merged
+            t_first = _group_logsumexp(t.logp[:, shared_t], group, cols.numel())
+        s_first_bins = s_first[:, cols]                                                # (M, S')
         t_unshared = t_p[:, t2s < 0]                                                   # (M, V_t - S)
         out_s = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
-        out_s[t2s[shared_t]] = False
+        out_s[cols] = False
         s_out = q[:, out_s].sum(-1)                                                    # (M,)
+        renorm = (bool((t2s < 0).any()), bool(out_s.any()))
     else:
         sid = t2s[t.ids]                                                               # (M, k) student ids
         shared = sid >= 0
         sid0 = sid.clamp(min=0)
-        t_bins = torch.where(shared, t.logp + t.cont[:, None], _MASKED)                # (M, k)
-        s_bins = torch.where(shared, s_first.gather(1, sid0) + s_cont[:, None], _MASKED)
-        t_unshared = torch.where(shared, 0.0, t_p)
+        t_first = torch.where(shared, t.logp, _MASKED)                                 # (M, k)
+        if unshared == "map_prefix":
+            # Several of a row's ids may start with the same student token: their mass is summed into the
+            # first of them, the others masked.
+            count = torch.zeros_like(q).scatter_add_(1, sid0, shared.to(q.dtype))      # (M, V_s)
+            dup = shared & (count.gather(1, sid0) > 1)
+            if bool(dup.any()):
+                k = sid.shape[1]
+                pos = torch.arange(k, device=sid.device).expand_as(sid)
+                key = torch.where(shared, pos, k)
+                first_pos = torch.full_like(q, k, dtype=torch.long).scatter_reduce(1, sid0, key, "amin")
+                shared = shared & (first_pos.gather(1, sid0) == pos)
+                mass = torch.zeros_like(q).scatter_add_(1, sid0, torch.where(sid >= 0, t_p, 0.0))
+                merged = mass.gather(1, sid0).clamp(min=_FLOOR).log()
+                t_first = torch.where(shared, torch.where(dup, merged, t.logp), _MASKED)
+        s_first_bins = torch.where(shared, s_first.gather(1, sid0), _MASKED)
+        t_unshared = torch.where(sid >= 0, 0.0, t_p)
         in_bins = torch.zeros_like(q).scatter_add_(1, sid0, shared.to(q.dtype)) > 0    # (M, V_s)
         s_out = torch.where(in_bins, 0.0, q).sum(-1)
+        present = shared
+    t_out = t_unshared.sum(-1) + t.tail                                                # (M,)
+    if unshared == "renormalise":
+        # Both first-token distributions over the shared ids only, each renormalised over them; the rest bin
+        # is then only "not continuing as written" (empty for a one-token span).
+        # (A side with every entry in the bins is left as it is: the same tokenizer gives the same bits.)
+        if renorm[0]:
+            t_first = _renormalised(t_first, present)
+        if renorm[1]:
+            s_first_bins = _renormalised(s_first_bins, present)
+        t_out, s_out = torch.zeros_like(t_out), torch.zeros_like(s_out)
+    t_bins, s_bins = t_first + t.cont[:, None], s_first_bins + s_cont[:, None]
+    if present is not None:
+        t_bins, s_bins = torch.where(present, t_bins, _MASKED), torch.where(present, s_bins, _MASKED)
     # The rest bin on each side: not continuing as written, or starting with a token outside the bins.
     # Summed from the outside entries (never as 1 − Σ inside): exactly 0 when every entry is shared.
-    t_out = t_unshared.sum(-1) + t.tail                                                # (M,)
     t_rest = -torch.expm1(t.cont) + t.cont.exp() * t_out
     s_rest = -torch.expm1(s_cont) + s_cont.exp() * s_out
     d = fn(s_bins, t_bins) + fn(s_rest.clamp(min=_FLOOR).log()[:, None], t_rest.clamp(min=_FLOOR).log()[:, None])
+    if present is not None and unshared == "renormalise":
+        d = torch.where(present.any(-1), d, 0.0)  # a cached row with no shared id among its top-k: nothing to compare
     if uld_weight == 0:
         return d
     # Unshared mass on each side, compared by rank (ULD): teacher entries without a student counterpart
     # (and the cached tail), student ids no teacher id maps to.
     t_scale, s_scale = t.cont.exp(), s_cont.exp()
+    t_unshared_total = t_unshared.sum(-1) + t.tail
     p_u = t_unshared * t_scale[:, None]
-    q_u = q[:, vocab.s_unmapped.to(q.device)] * s_scale[:, None]
-    return d + uld_weight * _sorted_l1(p_u, q_u, t_scale * t_out, q_u.sum(-1), top_k)
+    q_u = q[:, s_unmapped] * s_scale[:, None]
+    return d + uld_weight * _sorted_l1(p_u, q_u, t_scale * t_unshared_total, q_u.sum(-1), top_k)
 
 
 def span_top1(s_first: Tensor, t: TeacherFirst, s_table: list[bytes | None], t_table: list[bytes | None]) -> Tensor:
@@ -233,9 +299,11 @@ class CrossObjective:
     uld_weight: float = 1.0
     top_k: int = 64
     multi_token: str = "first_token"  # "first_token" | "binary" (module docstring); spans of several tokens
+    unshared: str = "uld"  # "uld" | "renormalise" | "map_prefix" (module docstring): unshared teacher mass
 
 
 MULTI_TOKEN = ("first_token", "binary")
+UNSHARED = ("uld", "renormalise", "map_prefix")
 
 
 def chunk_spans(signal, r0: int, r1: int) -> tuple[slice, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -297,5 +365,5 @@ def cross_terms(s_logits: Tensor, s_targets: Tensor, r0: int, signal, vocab: Sha
             multi = (multi_token_spans(first.numel(), later_span, t_later_span)
                      if obj.multi_token == "binary" else None)
             soft = hybrid(s_first, s_cont, t, vocab, obj.kind, obj.beta, obj.skew, obj.uld_weight, obj.top_k,
-                          multi, s_targets[first]).sum()
+                          multi, s_targets[first], obj.unshared).sum()
     return {"loss": alpha * ce + (1 - alpha) * temperature ** 2 * soft, "ce": ce, "soft": soft}

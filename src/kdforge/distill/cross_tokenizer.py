@@ -147,10 +147,22 @@ class SharedVocab:
 
     t2s: torch.Tensor        # (V_t,) the student id spelling the same bytes, -1 where none does
     s_unmapped: torch.Tensor  # (V_s,) bool: student ids no teacher id maps to
+    prefix: torch.Tensor | None = None  # (V_t,) t2s where shared, else the longest student prefix (or -1)
 
     @property
     def size(self) -> int:
         return int((self.t2s >= 0).sum())
+
+    def mapping(self, unshared: str = "uld") -> tuple[torch.Tensor, torch.Tensor]:
+        """(t2s, s_unmapped) of the hybrid's ``unshared`` mode: map_prefix maps unshared teacher ids to their
+        longest student prefix (several teacher ids may then share a student id), the others the shared ids."""
+        if unshared != "map_prefix":
+            return self.t2s, self.s_unmapped
+        if self.prefix is None:
+            raise ValueError("this SharedVocab has no prefix map (build it with shared_vocab)")
+        s_unmapped = torch.ones_like(self.s_unmapped)
+        s_unmapped[self.prefix[self.prefix >= 0]] = False
+        return self.prefix, s_unmapped
 
 
 def shared_vocab(t_table: list[bytes | None], s_table: list[bytes | None], t_end: list[int],
@@ -181,4 +193,20 @@ def shared_vocab(t_table: list[bytes | None], s_table: list[bytes | None], t_end
             taken.add(j)
     s_unmapped = torch.ones(len(s_table), dtype=torch.bool)
     s_unmapped[t2s[t2s >= 0]] = False
-    return SharedVocab(t2s, s_unmapped)
+    return SharedVocab(t2s, s_unmapped, prefix_map(t_table, by_bytes, t2s))
+
+
+def prefix_map(t_table: list[bytes | None], by_bytes: dict[bytes, int], t2s: torch.Tensor) -> torch.Tensor:
+    """Each teacher id -> its shared student id, or for an unshared one the student id spelling the longest
+    prefix of its bytes (the teacher token " Paris" -> " Par" when the student has no " Paris": the student
+    starts that text with it); -1 for a control token or text no student token begins. ``by_bytes``: a student
+    token's bytes -> its (lowest) id."""
+    out = t2s.clone()
+    for i in (t2s < 0).nonzero()[:, 0].tolist():
+        b = t_table[i]
+        for n in range(len(b) if b else 0, 0, -1):
+            j = by_bytes.get(b[:n])
+            if j is not None:
+                out[i] = j
+                break
+    return out

@@ -70,11 +70,17 @@ class CrossTokenizerSettings(StageConfig):
     loss: Literal["hybrid", "uld"] = Field(
         "hybrid", description="hybrid: `loss` on the tokens both vocabularies spell alike plus ULD on the rest "
         "(GOLD); uld: ULD alone (sorted-probability Wasserstein-1, no vocabulary correspondence)")
-    uld_weight: float = Field(1.0, ge=0, description="hybrid: weight of ULD on the unshared tokens")
+    uld_weight: float | None = Field(None, ge=0, description="hybrid: weight of ULD on the unshared tokens "
+                                     "(default: 1 with unshared uld, 0 with renormalise and map_prefix)")
     uld_top_k: int = Field(64, gt=0, description="ranks ULD compares one by one (the rest as one bin)")
     multi_token: Literal["first_token", "binary"] = Field(
         "first_token", description="hybrid, spans either side writes with several tokens: first_token compares the "
         "first tokens' distributions over the shared vocabulary; binary compares P(the span as written) vs not")
+    unshared: Literal["uld", "renormalise", "map_prefix"] = Field(
+        "uld", description="hybrid, the teacher's first-token mass on ids the student has no counterpart for: uld "
+        "keeps it in the rest bin and compares it by rank (ULD); renormalise compares both sides over the shared ids "
+        "only, each renormalised over them; map_prefix moves it to the student id spelling the longest prefix of "
+        "the teacher token's bytes")
 
 
 class RolloutSettings(StageConfig):
@@ -833,8 +839,9 @@ def _cross_setup(cfg: DistillConfig, teacher_tok, student_tok, t_vocab: int):
     except TokenBytesError as e:
         raise ConfigError(f"cross-tokenizer distillation: {e}") from None
     x = cfg.cross_tokenizer
-    return CrossSetup(toks, t_vocab, CrossObjective(x.loss, cfg.loss, cfg.jsd_beta, cfg.skew, x.uld_weight,
-                                                    x.uld_top_k, x.multi_token))
+    uld_weight = x.uld_weight if x.uld_weight is not None else (1.0 if x.unshared == "uld" else 0.0)
+    return CrossSetup(toks, t_vocab, CrossObjective(x.loss, cfg.loss, cfg.jsd_beta, cfg.skew, uld_weight,
+                                                    x.uld_top_k, x.multi_token, x.unshared))
 
 
 def _loop(t: _Training) -> int:
