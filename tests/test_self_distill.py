@@ -87,6 +87,22 @@ def test_self_distillation_starts_at_zero_divergence_and_keeps_frozen_layers(tok
     assert any(not torch.equal(before[k], after[k]) for k in before if "layers.1." in k)
 
 
+def test_self_distillation_of_a_cut_student_aligns_each_layer_with_itself(tokenizer, tmp_path, data_file):  # noqa: F811
+    """A student cut from a deeper teacher records the teacher layers it came from (meta.json layer_map, here
+    student layer 1 = teacher layer 2); its self-distillation teacher is its own copy, so layer i aligns with
+    layer i (the recorded map would point past the copy's last layer)."""
+    from kdforge.artifacts import write_meta
+
+    _, s_dir = _pair(tmp_path, tokenizer)
+    write_meta(s_dir, "student", {"teacher": "t"}, extra={"layer_map": {"0": 0, "1": 2}})
+    out = tmp_path / "self"
+    run_distill(DistillConfig(self_distill=True, student=s_dir, data=str(data_file), out=str(out), max_steps=1,
+                              batch_size=2, hidden_loss="mse", hidden_weight=1.0, log_every=1))
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["hidden"] == pytest.approx(0.0, abs=1e-6)  # every layer against its own frozen copy
+    assert json.loads((out / "meta.json").read_text())["layer_map"] == {"0": 0, "1": 1}
+
+
 def test_self_distillation_refuses_a_teacher(tmp_path):
     with pytest.raises(ValueError, match="self_distill"):
         DistillConfig(self_distill=True, teacher="t", student="s", data="d")

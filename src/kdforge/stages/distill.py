@@ -513,9 +513,14 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
         if distributed.is_main():
             print(f"[kdforge] cross-tokenizer distillation ({cfg.cross_tokenizer.loss}): {coverage(pairs)}", flush=True)
     device = next(student.parameters()).device
-    # A served teacher has no layers to align to (alignment is refused with it): no map.
-    layer_map = (resolve_layer_map(cfg.layer_map, cfg.student, student, teacher.num_layers)
-                 if teacher is not None and teacher.num_layers else {})
+    # A served teacher has no layers to align to (alignment is refused with it): no map. Under self_distill the
+    # teacher is the student's own copy: layer i is layer i (a cut student's meta maps to the layers it was cut
+    # from, which this teacher does not have).
+    if cfg.self_distill and cfg.layer_map is None:
+        layer_map = {i: i for i in range(student.config.num_hidden_layers)}
+    else:
+        layer_map = (resolve_layer_map(cfg.layer_map, cfg.student, student, teacher.num_layers)
+                     if teacher is not None and teacher.num_layers else {})
     projection = None
     if cfg.hidden_loss != "none" and student.config.hidden_size != teacher.hidden_size:
         # Learned map from the student's width to the teacher's; trained with the student, not shipped.
