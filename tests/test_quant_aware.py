@@ -223,13 +223,12 @@ def test_int4_training_then_onnx_int4_holds_the_trained_weights(tokenizer, tmp_p
 
 
 def test_the_demo_q4_0_preset_runs_after_a_demo(tokenizer, tmp_path):
-    """configs/demo-q4_0.yaml as shipped (quantisation-aware distill from the demo's student with itself as
-    teacher, Q4_0 export of exactly those values, eval beside the demo's Q8_0 file), on tiny stand-ins: only
-    paths and sizes are overridden."""
+    """configs/demo-q4_0.yaml as shipped (quantisation-aware distill from the calibrated Q4_0 file with the fp32
+    student as teacher, Q4_0 export of exactly those values, eval beside the calibrated file), on tiny stand-ins:
+    only paths and sizes are overridden."""
     from pathlib import Path
 
     from kdforge.cli import main
-    from kdforge.models.loading import load_model
     from kdforge.stages import plan_file
 
     from .conftest import save_tiny, write_conversations
@@ -238,14 +237,15 @@ def test_the_demo_q4_0_preset_runs_after_a_demo(tokenizer, tmp_path):
     stages = {s.name: c for s, c in plan_file(str(preset))}
     assert list(stages) == ["distill", "export", "eval"]
     d = stages["distill"]
-    assert d.quant_aware == "q4_0" and d.self_distill and d.teacher == d.student and d.max_steps <= 40
+    assert d.quant_aware == "q4_0" and d.max_steps <= 40 and d.student.endswith("model-q4_0.gguf")
     assert stages["export"].model == d.out and stages["export"].quant == ["q4_0"]
     out = tmp_path / "run"
     data = write_conversations(tmp_path / "data.jsonl", [(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.")
                                                          for i in range(6)])
     save_tiny(out / "distill", "llama", tokenizer, seed=4)
-    model, tok = load_model(str(out / "distill"), device="cpu", dtype="float32")
-    write_gguf(model, tok, out / "export" / "model-q8_0.gguf", "q8_0")  # the demo's Q8_0 file
+    # The preset's prerequisite, as its header says: the calibrated Q4_0 file of the fp32 student.
+    assert main(["export", str(out / "distill"), "--quant", "q4_0", "--calibration-samples", "4",
+                 "--set", "export.check_prompts=2", "--out", str(out / "export-q4_0-calibrated")]) == 0
     sets = {"vars.out": out, "distill.data": data, "eval.data": data, "eval.split": "all",
             "vars.teacher": out / "distill", "distill.max_steps": 2, "distill.eval_every": 2, "distill.batch_size": 2,
             "export.check_prompts": 2, "eval.limit": 2, "eval.task_limit": 1, "eval.speed": False,
@@ -256,5 +256,4 @@ def test_the_demo_q4_0_preset_runs_after_a_demo(tokenizer, tmp_path):
     (summary,) = report["files"].values()
     assert summary["quant_aware"]["exact"], summary["quant_aware"]
     names = [r["name"] for r in json.loads((out / "eval-q4_0" / "report.json").read_text())["models"]]
-    assert "student (quantisation-aware Q4_0 GGUF)" in names
-
+    assert "student (Q4_0 GGUF, quantisation-aware)" in names
