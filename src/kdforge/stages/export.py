@@ -2,7 +2,9 @@
 
 export/   model-<quant>.gguf (one per --quant), report.json (per file: size, tensor types, logits and
           tokenizer round trip), config.yaml, meta.json. With --to onnx: onnx-<quant>/ (one ONNX Runtime
-          GenAI folder per --quant fp32|int8|int4, `kdforge.export.onnx`) instead of the GGUF files.
+          GenAI folder per --quant fp32|int8|int4, `kdforge.export.onnx`) instead of the GGUF files. With --to vllm:
+          vllm-<scheme>/ (one compressed-tensors HF folder per --scheme w4a16|w8a8|fp8, written by llmcompressor,
+          `kdforge.export.vllm`).
 quantize/ an HF folder (model.safetensors with the quantization_config in config.json, tokenizer),
           report.json (reload check, agreement with the source, decode speed), config.yaml, meta.json.
 """
@@ -19,28 +21,39 @@ from kdforge.artifacts import atomic_dir, atomic_write_json, check_writable, wri
 from kdforge.config import StageConfig, dump
 from kdforge.export.formats import METHODS, QUANT_NAMES
 from kdforge.export.onnx import ONNX_QUANTS
+from kdforge.export.vllm import GROUP_SIZES, VLLM_SCHEMES, W4A16_METHODS
 from kdforge.quiet import quiet_torchao
 from kdforge.stages import Stage
 
 
 class ExportConfig(StageConfig):
-    """`kdforge export`: write a model as GGUF (llama.cpp / Ollama) or as an ONNX Runtime GenAI folder, and
-    check that it round-trips."""
+    """`kdforge export`: write a model as GGUF (llama.cpp / Ollama), as an ONNX Runtime GenAI folder or as a
+    vLLM-loadable compressed-tensors folder, and check that it round-trips."""
 
     model: str = Field(description="HF folder, .gguf file, or embedded:smollm2-135m-instruct")
-    out: str = Field("artifacts/export", description="output folder: model-<quant>.gguf files (onnx-<quant>/ "
-                     "folders) and report.json")
-    to: Literal["gguf", "onnx"] = Field("gguf", description="output format: gguf (llama.cpp, Ollama) or onnx "
-                                        "(ONNX Runtime GenAI, CPU; needs the onnx extra)")
+    out: str = Field("artifacts/export", description="output folder: model-<quant>.gguf files (onnx-<quant>/, "
+                     "vllm-<scheme>/ folders) and report.json")
+    to: Literal["gguf", "onnx", "vllm"] = Field("gguf", description="output format: gguf (llama.cpp, Ollama), onnx "
+                                                "(ONNX Runtime GenAI, CPU; needs the onnx extra) or vllm "
+                                                "(compressed-tensors folders; needs the vllm extra)")
     quant: list[str] = Field(default_factory=lambda: ["f16"],
                              description=f"one or more of {', '.join(QUANT_NAMES)} (gguf; default f16) or "
                              f"{', '.join(ONNX_QUANTS)} (onnx; default fp32); one file or folder each")
+    scheme: list[str] = Field(default_factory=lambda: ["w8a8"],
+                              description=f"--to vllm: one or more of {', '.join(VLLM_SCHEMES)} (default w8a8); "
+                              "one vllm-<scheme>/ folder each")
+    w4a16_method: Literal[W4A16_METHODS] = Field(  # type: ignore[valid-type]
+        "gptq", description="--to vllm --scheme w4a16: calibrated rounding by gptq or awq")
+    group_size: int | None = Field(None, description="--to vllm --scheme w4a16: weights per scale, one of "
+                                   f"{', '.join(map(str, GROUP_SIZES))} (default: the largest that divides every "
+                                   "Linear's input size)")
     keep_f16: list[str] = Field(default_factory=list,
                                 description="GGUF tensor names or globs kept at f16, e.g. token_embd output")
     allow_fallback: bool = Field(False, description="write tensors whose rows do not divide into blocks as f16 "
                                  "instead of failing")
     pre: str | None = Field(None, description="llama.cpp pre-tokenizer name (default: detected)")
-    calibration: str = Field("auto", description="text for calibrated (GPTQ) rounding of q8_0/q4_0 tensors: "
+    calibration: str = Field("auto", description="text for calibrated (GPTQ) rounding of q8_0/q4_0 tensors "
+                             "(and of --to vllm's w4a16/w8a8): "
                              "'auto' (the model's own answers to the bundled prompts' training split), a "
                              "`kdforge generate` folder or conversations JSONL, or 'none' (round to nearest)")
     calibration_samples: int = Field(128, gt=0, description="calibration conversations")
@@ -51,11 +64,14 @@ class ExportConfig(StageConfig):
         "{algo_config: k_quant_mixed} or {accuracy_level: 1} (fp32 activations; the CPU default 4 rounds them to int8)")
     trust_remote_code: bool = False
 
-    @field_validator("quant", mode="before")
+    @field_validator("quant", "scheme", mode="before")
     @classmethod
     def _split(cls, v):
+        # "q8_0,q4_0", "q8_0 q4_0" and the CLI's ["q8_0,q4_0"] (nargs) all mean two entries
         if isinstance(v, str):
-            v = [x for x in v.replace(",", " ").split() if x]
+            v = [v]
+        if isinstance(v, (list, tuple)):
+            v = [x for item in v for x in (item.replace(",", " ").split() if isinstance(item, str) else [item])]
         return v
 
     @field_validator("quant")
@@ -68,8 +84,36 @@ class ExportConfig(StageConfig):
                              f"the ONNX export: {', '.join(ONNX_QUANTS)}")
         return list(dict.fromkeys(v))
 
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, v: list[str]) -> list[str]:
+        v = [x.lower() for x in v]
+        bad = [x for x in v if x not in VLLM_SCHEMES]
+        if bad or not v:
+            raise ValueError(f"unknown scheme(s) {bad}; the vLLM export writes: {', '.join(VLLM_SCHEMES)}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("group_size")
+    @classmethod
+    def _known_group(cls, v: int | None) -> int | None:
+        if v is not None and v not in GROUP_SIZES:
+            raise ValueError(f"W4A16 group sizes are {', '.join(map(str, GROUP_SIZES))} (vLLM's int4 kernels)")
+        return v
+
     @model_validator(mode="after")
     def _quant_fits_format(self):
+        # Judged by value, not by being set: a written config.yaml (every field) reads back as it was.
+        def changed(field: str) -> bool:
+            return getattr(self, field) != type(self).model_fields[field].get_default(call_default_factory=True)
+
+        vllm_only = [f for f in ("scheme", "w4a16_method", "group_size") if changed(f)]
+        if self.to != "vllm" and vllm_only:
+            raise ValueError(f"{', '.join(vllm_only)}: only for --to vllm (this export is --to {self.to})")
+        if self.to == "vllm":
+            if changed("quant"):
+                raise ValueError(f"--to vllm takes --scheme {'|'.join(VLLM_SCHEMES)}, not --quant "
+                                 f"{' '.join(self.quant)}")
+            return self
         if self.to == "onnx" and "quant" not in self.model_fields_set:
             self.quant = ["fp32"]  # the GGUF default (f16) is no ONNX type
         known = ONNX_QUANTS if self.to == "onnx" else QUANT_NAMES
@@ -202,6 +246,58 @@ def run_onnx(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     return metrics
 
 
+def run_vllm(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
+    """`kdforge export --to vllm`: one compressed-tensors folder per scheme (llmcompressor), each round-tripped
+    through transformers."""
+    from kdforge.export import vllm
+    from kdforge.export.roundtrip import source_logits, validation_sets
+    from kdforge.models.loading import load_model
+
+    vllm.check_installed()  # before the model loads
+    check_writable(cfg.out)
+    t0 = time.time()
+    model, tok = load_model(cfg.model, device="cpu", dtype="float32", trust_remote_code=cfg.trust_remote_code)
+    vllm.check_supported(model)  # fail before creating the output folder
+    group = vllm.pick_group_size(model, cfg.group_size) if "w4a16" in cfg.scheme else None
+    sets = validation_sets(model, tok, cfg.check_prompts) if cfg.check else None
+    ref = source_logits(model, sets) if cfg.check else None  # the source's logits, computed once
+    calib_ids, calibration = None, None
+    if vllm.needs_calibration(cfg.scheme, cfg.calibration):
+        calib_ids, calibration = vllm.calibration_text(model, tok, cfg.calibration, cfg.calibration_samples)
+        print(f"[kdforge] calibration: {calibration['conversations']} conversations, {calibration['tokens']} tokens "
+              f"({calibration['source']}) in {calibration['seconds']} s", flush=True)
+    folders: dict[str, Any] = {}
+    problems: list[str] = []
+    with atomic_dir(cfg.out, overwrite=overwrite) as tmp, vllm.scratch_dir() as scratch:
+        write_config(tmp, dump(cfg))
+        source = vllm.source_folder(model, tok, cfg.model, Path(scratch))
+        for scheme in cfg.scheme:
+            name = f"vllm-{scheme}"
+            summary = vllm.export_vllm(model, tok, cfg.model, tmp / name, scheme, source, calib_ids, sets, ref,
+                                       cfg.w4a16_method, group)
+            summary["path"] = name
+            if cfg.check:
+                problems += vllm.judge(scheme, summary["roundtrip"])
+            folders[scheme] = summary
+            line = (f"[kdforge] export {name}/: {summary['bytes'] / 1e6:.1f} MB, {summary['rounding']} rounding in "
+                    f"{summary['seconds']} s (folder written in {summary['write_seconds']} s)")
+            if cfg.check:
+                m = vllm.metrics(summary["roundtrip"])
+                line += (f", answers: max|Δlogit| {m['max_abs_diff']:.4g}, top-1 {m['top1']:.4f}, KL {m['kl']:.4g}, "
+                         f"ΔNLL {m['nll_delta']:+.4f} (prompt text top-1 {m['top1_prompt_text']:.4f}); tokenizer "
+                         f"{'match' if m['tokenizer_match'] else 'MISMATCH'}")
+            print(line, flush=True)
+        atomic_write_json(tmp / "report.json", {"model": cfg.model, "to": "vllm", "calibration": calibration,
+                                                "versions": vllm.versions(), "files": folders, "problems": problems})
+        metrics = {s: {"bytes": f["bytes"], "export_s": f["write_seconds"]}
+                   | (vllm.metrics(f["roundtrip"]) if cfg.check else {}) for s, f in folders.items()}
+        write_meta(tmp, "export", {"model": cfg.model}, metrics, time.time() - t0,
+                   extra={"files": {s: f["path"] for s, f in folders.items()}})
+    for p in problems:
+        print(f"[kdforge] WARNING: {p}", flush=True)
+    return metrics
+
+
 def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     from kdforge.export.gguf_writer import check_supported, write_gguf
     from kdforge.export.roundtrip import gguf_roundtrip, source_logits, validation_sets
@@ -210,6 +306,8 @@ def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     quiet_torchao()
     if cfg.to == "onnx":
         return run_onnx(cfg, overwrite)
+    if cfg.to == "vllm":
+        return run_vllm(cfg, overwrite)
     check_writable(cfg.out)  # before the model loads
     t0 = time.time()
     model, tok = load_model(cfg.model, device="cpu", dtype="float32", trust_remote_code=cfg.trust_remote_code)
@@ -297,10 +395,10 @@ def run_quantize(cfg: QuantizeConfig, overwrite: bool = False) -> dict[str, Any]
 
 
 STAGES = (
-    Stage("export", "write a model as GGUF (llama.cpp/Ollama) or ONNX (ONNX Runtime GenAI) and check that it "
-          "round-trips", ExportConfig, run,
-          positional="model", flags=("to", "quant", "keep_f16", "allow_fallback", "pre", "calibration",
-                                     "calibration_samples", "check", "out")),
+    Stage("export", "write a model as GGUF (llama.cpp/Ollama), ONNX (ONNX Runtime GenAI) or compressed-tensors "
+          "(vLLM) and check that it round-trips", ExportConfig, run,
+          positional="model", flags=("to", "quant", "scheme", "w4a16_method", "group_size", "keep_f16",
+                                     "allow_fallback", "pre", "calibration", "calibration_samples", "check", "out")),
     Stage("quantize", "weight quantisation in PyTorch (torchao int8/int4; bitsandbytes on CUDA)", QuantizeConfig,
           run_quantize, positional="model", flags=("method", "group_size", "check", "out")),
 )
