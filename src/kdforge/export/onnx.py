@@ -68,15 +68,9 @@ def run_builder(hf_folder: str | Path, out: str | Path, quant: str, cache_dir: s
 def _source_folder(model, tokenizer, spec: str, scratch: Path) -> Path:
     """An HF folder of the fp32 model for the builder: the spec's own folder when it is one, else the
     loaded model saved (a GGUF file or the embedded teacher, dequantised)."""
-    from kdforge.models.loading import resolve_model
+    from kdforge.models.loading import hf_folder_of
 
-    src = resolve_model(spec)
-    if not src.gguf_file and (src.folder / "config.json").is_file() and any(src.folder.glob("*.safetensors")):
-        return src.folder
-    folder = scratch / "hf"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return hf_folder_of(model, tokenizer, spec, scratch)
 
 
 def complete_onnx_folder(folder: Path, model, tokenizer, spec: str, quant: str) -> list[int]:

@@ -135,15 +135,9 @@ def recipe(scheme: str, method: str = "gptq", calibrated: bool = True, group_siz
 def source_folder(model, tokenizer, spec: str, scratch: Path) -> Path:
     """An HF folder with the source's weights for llmcompressor to load: the spec's own folder when it is one
     with safetensors, else the loaded model saved (a GGUF file or the embedded teacher, dequantised)."""
-    from kdforge.models.loading import resolve_model
+    from kdforge.models.loading import hf_folder_of
 
-    src = resolve_model(spec)
-    if not src.gguf_file and (src.folder / "config.json").is_file() and any(src.folder.glob("*.safetensors")):
-        return src.folder
-    folder = scratch / "hf"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return hf_folder_of(model, tokenizer, spec, scratch)
 
 
 def versions() -> dict[str, str | None]:

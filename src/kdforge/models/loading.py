@@ -212,3 +212,16 @@ def count_parameters(model) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def hf_folder_of(model, tokenizer, spec: str, scratch: Path) -> Path:
+    """An HF folder with ``model``'s weights for a tool that loads folders (the ONNX builder, llmcompressor):
+    the spec's own folder when it is one with safetensors, else the loaded model and tokenizer saved into
+    ``scratch/hf`` (a GGUF file or the embedded teacher, dequantised)."""
+    src = resolve_model(spec)
+    if not src.gguf_file and (src.folder / "config.json").is_file() and any(src.folder.glob("*.safetensors")):
+        return src.folder
+    folder = Path(scratch) / "hf"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
