@@ -20,6 +20,13 @@ Protocol (fixed before the first run; printed in the JSON's "protocol"):
       GGUF read back: GPTQ's rounding, on the grid) instead of the fp32 weights, whose nearest rounding is
       where ``self`` starts.
   Seeds --seeds (0, 1): the data order.
+  Second round (2026-12-03, second session; fixed before its runs): the files take llama.cpp's Q4_0 layout
+  by default (`kdforge export` now keeps the output projection, here the tied embedding, at Q8_0 as
+  llama-quantize does; ``--pure`` gives the first round's all-Q4_0 files, baseline and QAT alike, and QAT then
+  trains the embedding on Q4_0 too), and ``--scales`` adds arms with learned block scales
+  (``quant_aware_scales: learned``, log-scale lr ``--scale-lr`` 1e-3 on the same schedule): ``learned``
+  (scales and latent weights), ``scales_only`` (the 2-D weights frozen: only the scales and the f32 norms
+  move, so nothing flips across a rounding boundary). Each arm runs for every signal and seed asked.
   History: the first run (2026-12-03, ``self`` seed 0, lr 1e-4, 40 steps) ended *worse* than the baseline
   (answers top-1 0.867, KL 0.135; prompt text KL 0.429) starting from round-to-nearest (train KL 0.20 at
   step 1, 0.12 at step 32), so it was stopped there and the ``gptq`` start was added; the other settings
@@ -37,7 +44,7 @@ Protocol (fixed before the first run; printed in the JSON's "protocol"):
 
 Prints one JSON line; progress on stderr.
 Usage: python benchmarks/quant_aware.py [--demo demo_out] [--steps 40] [--lr 1e-4] [--seeds 0 1]
-       [--signals self cache] [--workdir DIR]
+       [--signals self cache] [--scales reference learned scales_only] [--scale-lr 1e-3] [--pure] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -71,6 +78,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--signals", nargs="+", default=["self", "cache"], choices=["self", "cache", "gptq"])
+    ap.add_argument("--scales", nargs="+", default=["reference"], choices=["reference", "learned", "scales_only"])
+    ap.add_argument("--scale-lr", type=float, default=1e-3)
+    ap.add_argument("--pure", action="store_true", help="every tensor on Q4_0 (llama-quantize --pure)")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "kdforge" / "bench" / "quant_aware"))
     args = ap.parse_args()
     t_start = time.time()
@@ -111,48 +121,53 @@ def main() -> None:
     results: dict = {"fp32": score(fp)}
     log("fp32", results["fp32"])
 
-    base_dir = work / "baseline"
+    layout = "pure" if args.pure else "llamacpp"
+    base_dir = work / f"baseline-{layout}"
     if not (base_dir / "model-q4_0.gguf").is_file():
-        run_export(ExportConfig(model=str(fp_dir), out=str(base_dir), quant=["q4_0"], check=False), overwrite=True)
+        run_export(ExportConfig(model=str(fp_dir), out=str(base_dir), quant=["q4_0"], check=False, pure=args.pure),
+                   overwrite=True)
     results["baseline_q4_0"] = score(gguf_model(base_dir / "model-q4_0.gguf"))
     log("baseline", results["baseline_q4_0"])
     del fp
 
     step_s: dict[str, list[float]] = {}
     runs: dict[str, dict] = {}
-    for signal in args.signals:
-        for seed in args.seeds:
-            name = f"{signal}-seed{seed}"
-            out = work / f"qat-{name}"
-            common = dict(student=str(fp_dir), data=str(demo / "generate"), out=str(out), quant_aware="q4_0",
-                          max_steps=args.steps, batch_size=4, lr=args.lr, warmup_steps=4, max_length=256,
-                          log_every=1, seed=seed)
-            if signal == "self":
-                cfg = DistillConfig(**common, self_distill=True, alpha=0.0, temperature=1.0)
-            elif signal == "gptq":
-                cfg = DistillConfig(**common | {"student": str(base_dir / "model-q4_0.gguf")}, teacher=str(fp_dir),
-                                    alpha=0.0, temperature=1.0)
-            else:
-                cfg = DistillConfig(**common, labels=str(demo / "labels"), alpha=0.5, temperature=2.0)
-            log("training", name)
-            run_distill(cfg, overwrite=True)
-            rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-            step_s[name] = [r["seconds"] for r in rows[1:]]  # the first step warms up
-            model, qtok = load_model(str(out), device="cpu", dtype="float32")
-            path = out / "model-q4_0.gguf"
-            summary = write_gguf(model, qtok, path, "q4_0")
-            assert summary["quant_aware"]["exact"], summary["quant_aware"]
-            runs[name] = score(gguf_model(path)) | {"bytes": summary["bytes"]}
-            path.unlink()  # ~58 MB each
-            log(name, runs[name])
+    arms = [(signal, scales, seed) for signal in args.signals for scales in args.scales for seed in args.seeds]
+    for signal, scales, seed in arms:
+        name = f"{signal}-{scales}-seed{seed}"
+        out = work / f"qat-{layout}-{name}"
+        common = dict(student=str(fp_dir), data=str(demo / "generate"), out=str(out), quant_aware="q4_0",
+                      max_steps=args.steps, batch_size=4, lr=args.lr, warmup_steps=4, max_length=256,
+                      log_every=1, seed=seed, quant_aware_pure=args.pure,
+                      quant_aware_scales="reference" if scales == "reference" else "learned",
+                      quant_aware_scale_lr=args.scale_lr,
+                      freeze=[r"_proj\.", r"embed_tokens\."] if scales == "scales_only" else [])
+        if signal == "self":
+            cfg = DistillConfig(**common, self_distill=True, alpha=0.0, temperature=1.0)
+        elif signal == "gptq":
+            cfg = DistillConfig(**common | {"student": str(base_dir / "model-q4_0.gguf")}, teacher=str(fp_dir),
+                                alpha=0.0, temperature=1.0)
+        else:
+            cfg = DistillConfig(**common, labels=str(demo / "labels"), alpha=0.5, temperature=2.0)
+        log("training", name)
+        run_distill(cfg, overwrite=True)
+        rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+        step_s[name] = [r["seconds"] for r in rows[1:]]  # the first step warms up
+        model, qtok = load_model(str(out), device="cpu", dtype="float32")
+        path = out / "model-q4_0.gguf"
+        summary = write_gguf(model, qtok, path, "q4_0", pure=args.pure)
+        assert summary["quant_aware"]["exact"], summary["quant_aware"]
+        runs[name] = score(gguf_model(path)) | {"bytes": summary["bytes"]}
+        path.unlink()  # ~58 MB each
+        log(name, runs[name])
 
     fp_kl = results["fp32"]["teacher"]["kl"]
     for r in [results["baseline_q4_0"], *runs.values()]:
         r["kl_teacher_ratio"] = round(r["teacher"]["kl"] / fp_kl, 4)
     means = {}
-    for signal in args.signals:
-        group = [runs[f"{signal}-seed{s}"] for s in args.seeds]
-        means[signal] = {
+    for signal, scales in dict.fromkeys((a, b) for a, b, _ in arms):
+        group = [runs[f"{signal}-{scales}-seed{s}"] for s in args.seeds]
+        means[f"{signal}-{scales}"] = {
             "answers_top1": [min(g["answers"]["top1"] for g in group), max(g["answers"]["top1"] for g in group)],
             "answers_kl": [min(g["answers"]["kl"] for g in group), max(g["answers"]["kl"] for g in group)],
             "prompt_text_top1": [min(g["prompt_text"]["top1"] for g in group),
@@ -168,6 +183,7 @@ def main() -> None:
         "step_s": {k: round(statistics.median(v), 3) for k, v in step_s.items()}
         | {"demo_distill": round(demo_step, 3)},
         "protocol": {"steps": args.steps, "lr": args.lr, "seeds": args.seeds, "signals": args.signals,
+                     "scales": args.scales, "scale_lr": args.scale_lr, "layout": layout,
                      "demo_steps": 160, "batch_size": 4, "round_trip_prompts": 16, "teacher_answer_convs": 32},
         "seconds": round(time.time() - t_start, 1),
     }))

@@ -8,7 +8,7 @@ import torch
 
 from kdforge.distill.quant_aware import quant_aware
 from kdforge.export.gguf_writer import GGUFExportError, write_gguf
-from kdforge.models.quant_grid import fake_quantize, on_grid
+from kdforge.models.quant_grid import decompose, fake_quantize, on_grid, reference_scales
 from kdforge.stages.distill import DistillConfig
 from kdforge.stages.distill import run as run_distill
 
@@ -48,9 +48,10 @@ def test_grid_values_survive_the_reference_quantiser_bit_for_bit(grid):
 def test_straight_through_gradient_and_a_tied_embedding_quantised_once():
     model = make_tiny("llama", 256, seed=1)
     ref = make_tiny("llama", 256, seed=1)
-    qa = quant_aware(model, "q4_0")
+    qa = quant_aware(model, "q4_0", pure=True)
     # Embedding and head share one latent weight, recorded once (as the GGUF's token_embd).
     assert "model.embed_tokens.weight" in qa.tensors and "lm_head.weight" not in qa.tensors
+    assert qa.grids == {}  # pure: the tied embedding on q4_0 too
     assert model.lm_head.parametrizations.weight.original is model.model.embed_tokens.parametrizations.weight.original
     assert len(qa.tensors) == 1 + 2 * 7 and qa.kept == []
     # The forward computes with the grid values: equal to a copy whose weights were rounded by hand.
@@ -100,10 +101,12 @@ def test_distill_on_the_q4_0_grid_then_export_writes_the_trained_weights(tokeniz
     assert record["grid"] == "q4_0" and record["kept"] == []
     trained = load_file(out / "model.safetensors")
     start = load_file(f"{s}/model.safetensors")
+    grids = record["grids"]  # the output projection (tied: the embedding) on q8_0, as llama.cpp's Q4_0 keeps it
+    assert set(grids.values()) == {"q8_0"} and len(grids) == 1 and record["scales"] == "reference"
     for name in record["tensors"]:
-        assert on_grid(trained[name], "q4_0"), name
+        assert on_grid(trained[name], grids.get(name, "q4_0")), name
     # Training moved weights across grid points: not the start's own rounding.
-    moved = sum(int((trained[n] != fake_quantize(start[n], "q4_0")).sum()) for n in record["tensors"])
+    moved = sum(int((trained[n] != fake_quantize(start[n], grids.get(n, "q4_0"))).sum()) for n in record["tensors"])
     assert moved > 0
     # Norms and biases are trained in full precision (GGUF keeps them f32).
     assert any(not torch.equal(trained[n], start[n]) for n in trained if trained[n].dim() == 1)
@@ -118,8 +121,12 @@ def test_distill_on_the_q4_0_grid_then_export_writes_the_trained_weights(tokeniz
     path = tmp_path / "m.gguf"
     summary = write_gguf(model, tok, path, "q4_0")
     assert summary["quant_aware"] == {"grid": "q4_0", "tensors": len(record["tensors"]), "kept_f16": [],
-                                      "exact": True}
-    assert summary["tensor_types"].get("f16", 0) == 0
+                                      "grids": grids, "scales": "reference", "exact": True}
+    assert summary["tensor_types"].get("f16", 0) == 0 and summary["tensor_types"]["q8_0"] == 1
+    # Written --pure, the q8_0-trained output projection would be re-rounded: refused, with the way out.
+    with pytest.raises(GGUFExportError, match="without --pure"):
+        write_gguf(model, tok, tmp_path / "pure.gguf", "q4_0", pure=True)
+    assert not (tmp_path / "pure.gguf").exists()
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).state_dict()
     for name in record["tensors"]:
         assert torch.equal(back[name], trained[name]), name
@@ -132,6 +139,36 @@ def test_distill_on_the_q4_0_grid_then_export_writes_the_trained_weights(tokeniz
     with pytest.raises(GGUFExportError, match="no longer on it"):
         write_gguf(model, tok, tmp_path / "bad.gguf", "q4_0")
     assert not (tmp_path / "bad.gguf").exists()
+
+
+@pytest.mark.integration
+def test_learned_scales_train_and_export_exactly(tokenizer, tmp_path, data_file):  # noqa: F811
+    """``quant_aware_scales: learned``: block scales move off the reference choice during training, and the
+    Q4_0 GGUF written from the folder holds the trained values bit for bit (read back by transformers)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t, s = _pair(tmp_path, tokenizer, "llama")
+    out = tmp_path / "qat"
+    run_distill(DistillConfig(teacher=t, student=s, data=str(data_file), out=str(out), max_steps=4, batch_size=2,
+                              lr=1e-3, log_every=1, quant_aware="q4_0", quant_aware_scales="learned",
+                              quant_aware_scale_lr=1e-2))
+    record = json.loads((out / "config.json").read_text())["kdforge_quant_aware"]
+    assert record["scales"] == "learned"
+    trained = load_file(out / "model.safetensors")
+    assert not any("log_scale" in k or k.endswith(".d0") for k in trained)  # a plain HF folder
+    off_reference = 0
+    for name in record["tensors"]:
+        grid = record["grids"].get(name, "q4_0")
+        d, _ = decompose(trained[name], grid)
+        off_reference += int((d != reference_scales(trained[name], grid)).sum())
+    assert off_reference > 0  # scales were learned: not what the reference quantiser would pick
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    summary = write_gguf(model, AutoTokenizer.from_pretrained(out), tmp_path / "m.gguf", "q4_0")
+    assert summary["quant_aware"]["exact"] and summary["quant_aware"]["scales"] == "learned"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).state_dict()
+    for name in record["tensors"]:
+        assert torch.equal(back[name], trained[name]), name
 
 
 @pytest.mark.integration
@@ -164,6 +201,63 @@ def test_quant_aware_config_errors():
         DistillConfig(**base, quant_aware="q4_0", quant_aware_keep=["("])
     with pytest.raises(ValueError, match="quant_aware"):
         DistillConfig(**base, quant_aware="q3_k")
+    with pytest.raises(ValueError, match="quant_aware is not"):
+        DistillConfig(**base, quant_aware_scales="learned")
+    with pytest.raises(ValueError, match="use quant_aware_scales reference"):
+        DistillConfig(**base, quant_aware="int4", quant_aware_scales="learned")
+
+
+@pytest.mark.parametrize("grid", ["q4_0", "q8_0"])
+def test_decompose_finds_any_fp16_scale(grid):
+    """Blocks written with a scale other than the reference (GPTQ's, a learned one) are recognised and split
+    into an fp16 scale and integers that give the values back exactly; values off every grid are not."""
+    torch.manual_seed(0)
+    lo, hi = {"q4_0": (-8, 7), "q8_0": (-127, 127)}[grid]
+    q = torch.randint(lo, hi + 1, (16, 128))
+    q[0, :32] = torch.randint(-3, 4, (32,))  # no value near the ends: the reference scale would not fit it
+    d = (torch.rand(16, 4) * 0.01 + 1e-4).half()
+    d[1, 0] = -d[1, 0]  # a negative scale (Q4_0's reference gives one whenever the largest value is positive)
+    q[2, 32:64] = 0
+    w = q.float() * d.float().repeat_interleave(32, 1)
+    got = decompose(w, grid)
+    assert got is not None
+    dd, qq = got
+    assert torch.equal(qq.float() * dd.float().repeat_interleave(32, 1), w) and qq.min() >= lo and qq.max() <= hi
+    assert on_grid(w, grid)
+    assert decompose(w + 1e-7 * torch.randn_like(w), grid) is None
+    assert not on_grid(w * 1.0001, grid) or torch.equal(w * 1.0001, w)
+
+
+def test_learned_scales_start_at_the_reference_grid_and_take_lsq_gradients():
+    from kdforge.distill.quant_aware import LearnedScaleQuantize
+
+    torch.manual_seed(0)
+    w = (torch.randn(8, 64) * 0.05).requires_grad_()
+    param = LearnedScaleQuantize("q4_0", w)
+    out = param(w)
+    assert torch.equal(out, fake_quantize(w.detach(), "q4_0"))  # exp(0) = 1: the reference scale
+    g = torch.randn(8, 64)
+    (out * g).sum().backward()
+    # LSQ by hand: d(d·q)/dd = q - w/d inside the range, q where w/d was clamped; d/ds = d/dd · d (d = d0·e^s).
+    d = reference_scales(w.detach(), "q4_0").float()  # (8, 2)
+    x = w.detach().reshape(8, 2, 32) / d[..., None]
+    q = torch.sign(x) * torch.floor(x.abs() + 0.5)
+    inside = (x >= -8) & (x <= 7)
+    dd = torch.where(inside, q.clamp(-8, 7) - x, x.clamp(-8, 7).round())
+    expected = (g.reshape(8, 2, 32) * dd).sum(-1) * d
+    torch.testing.assert_close(param.log_scale.grad, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad, g * inside.reshape(8, 64))  # straight through, none where clamped
+    # A start already on the grid with scales that are not the reference choice (GPTQ's, read back from a
+    # file) is reproduced exactly: its own scales are found and kept.
+    q = torch.randint(-8, 8, (8, 64))
+    q[0, :32] = torch.randint(-5, 6, (32,))  # largest |q| 5: the reference scale of these values differs
+    start = q.float() * (torch.rand(8, 2) * 0.01 + 1e-3).half().float().repeat_interleave(32, 1)
+    assert not torch.equal(fake_quantize(start, "q4_0"), start)
+    assert torch.equal(LearnedScaleQuantize("q4_0", start)(start), start)
+    with torch.no_grad():
+        param.log_scale.add_(torch.randn(8, 2) * 0.1)
+    moved = param(w).detach()
+    assert on_grid(moved, "q4_0") and not torch.equal(decompose(moved, "q4_0")[0], reference_scales(moved, "q4_0"))
 
 
 def _matmul_nbits_weights(model_path) -> dict[str, "torch.Tensor"]:

@@ -45,7 +45,7 @@ def _batches(data: list[list[int]], pad_id: int, batch_size: int = 8):
 
 
 def calibrated_names(model, quants: Sequence[str], keep_f16: Sequence[str] = (),
-                     allow_fallback: bool = False) -> list[str]:
+                     allow_fallback: bool = False, pure: bool = False) -> list[str]:
     """State-dict names of the tensors that files of types ``quants`` write as Q8_0/Q4_0 (calibration targets).
     Tensors trained on that type's grid (quantisation-aware distillation) are written as they are: none of
     them needs calibrating."""
@@ -55,11 +55,11 @@ def calibrated_names(model, quants: Sequence[str], keep_f16: Sequence[str] = (),
     record = getattr(model.config, "kdforge_quant_aware", None)
     record = record if isinstance(record, dict) else {}
 
-    def on_trained_grid(quant: str) -> set[str]:
+    def on_trained_grid(quant: str) -> set[str]:  # the tensors a file of this type writes as they are
         return set(record.get("tensors", [])) if record.get("grid") == quant else set()
 
     return sorted({t.hf_name for q in quants if q in CALIBRATED_TYPES
-                   for t in plan_tensors(model, q, keep_f16, allow_fallback)
+                   for t in plan_tensors(model, q, keep_f16, allow_fallback, pure)
                    if t.qtype_name in CALIBRATED_TYPES and t.hf_name not in on_trained_grid(q)})
 
 

@@ -13,7 +13,9 @@ What llama.cpp expects, and what this module does about it:
   reordered so that pairs become adjacent (`permute_qk`); transformers' GGUF loader undoes it.
   Qwen2 uses llama.cpp's NeoX rope (halves, like HF) and is written unpermuted.
 - 1-D tensors (norms, biases) stay F32, as llama.cpp's converter keeps them; 2-D tensors get the
-  requested type, except the ones named in ``keep_f16``.
+  requested type, except the ones named in ``keep_f16`` and the output projection (``output.weight``, or
+  ``token_embd.weight`` when tied: it is the output projection), which a 4/5-bit file keeps at Q8_0 as
+  llama.cpp's ``llama-quantize`` does (`kdforge.models.quant_grid.output_grid`) unless ``pure``.
 
 The file is written under a temporary name and renamed into place, so a failure never leaves a
 half-written ``.gguf`` behind.
@@ -36,7 +38,8 @@ from kdforge.artifacts import atomic_file
 from kdforge.errors import UserError
 from kdforge.export.formats import QUANT_NAMES
 from kdforge.export.gguf_tokenizer import tokenizer_metadata
-from kdforge.export.gptq import CALIBRATED_TYPES, gptq_round, pack, reference_scales, round_to_nearest
+from kdforge.export.gptq import CALIBRATED_TYPES, Rounded, gptq_round, pack, reference_scales, round_to_nearest
+from kdforge.models.quant_grid import decompose, output_grid
 
 
 class GGUFExportError(UserError):
@@ -178,7 +181,8 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(base, p) for p in patterns)
 
 
-def plan_tensors(model, quant: str, keep_f16: Sequence[str] = (), allow_fallback: bool = False) -> list[_Planned]:
+def plan_tensors(model, quant: str, keep_f16: Sequence[str] = (), allow_fallback: bool = False,
+                 pure: bool = False) -> list[_Planned]:
     """Map, permute and choose a type for every tensor; raise before anything is written."""
     from gguf import GGML_QUANT_SIZES
 
@@ -206,6 +210,8 @@ def plan_tensors(model, quant: str, keep_f16: Sequence[str] = (), allow_fallback
             qname = "f32"
         elif _matches(name, keep_f16):
             qname = "f16"
+        elif not pure and (name == "output.weight" or (tied and name == "token_embd.weight")):
+            qname = output_grid(quant)
         else:
             qname = quant
         block = GGML_QUANT_SIZES[_qtype(qname)][0]
@@ -248,6 +254,7 @@ def write_gguf(
     pre: str | None = None,
     name: str | None = None,
     hessians: Mapping[str, torch.Tensor] | None = None,
+    pure: bool = False,
 ) -> dict[str, Any]:
     """Write ``model`` (an HF Llama/Qwen2 causal LM) and ``tokenizer`` to ``path`` as one GGUF file.
 
@@ -266,7 +273,9 @@ def write_gguf(
     if trained is not None:
         # Weights that quantisation-aware training left in full precision stay f16 in the file.
         keep_f16 = [*keep_f16, *(gguf_name(n) or n for n in trained["kept"])]
-    planned = plan_tensors(model, quant, keep_f16, allow_fallback)
+    planned = plan_tensors(model, quant, keep_f16, allow_fallback, pure)
+    if trained is not None:
+        check_trained_types(planned, trained)
     arch = ARCHITECTURES[model.config.model_type]
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     tok_meta = tokenizer_metadata(tokenizer, model.config, vocab_rows=vocab_rows, pre=pre)
@@ -285,7 +294,13 @@ def write_gguf(
             qtype = _qtype(t.qtype_name)
             hessian = (hessians or {}).get(t.hf_name) if t.qtype_name in CALIBRATED_TYPES else None
             if t.hf_name in exact:
-                hessian = None  # already on the grid: rounding to nearest gives back exactly these values
+                # On the grid already, with the reference scale or a learned one: written as it is.
+                d, q = decompose(state[t.hf_name].detach().cpu(), t.qtype_name)
+                rounded = Rounded(q, d)
+                if t.permute_heads:
+                    rounded = rounded.permute_rows(permute_qk(np.arange(t.shape[0]), t.permute_heads))
+                writer.add_tensor(t.name, pack(rounded, t.qtype_name), raw_dtype=qtype)
+                continue
             if hessian is not None or t.qtype_name == "q8_0":
                 # Q8_0 always takes kdforge's own rounding, for the scales fitted to a quantised source.
                 data, fitted = _rounded_blocks(t, state[t.hf_name], hessian)
@@ -319,6 +334,7 @@ def write_gguf(
         "grid_fitted_blocks": grid_fitted,
         "tied_embeddings": _is_tied(model),
         "quant_aware": ({"grid": trained["grid"], "tensors": len(trained["tensors"]), "kept_f16": trained["kept"],
+                         "grids": trained.get("grids", {}), "scales": trained.get("scales", "reference"),
                          "exact": True} if trained is not None else _other_grid(model, quant)),
         "tokenizer": {"model": tok_meta.model, "pre": tok_meta.pre, "pre_source": tok_meta.pre_source,
                       "tokens": len(tok_meta.tokens), "merges": len(tok_meta.merges),
@@ -338,13 +354,31 @@ def trained_grid(model, quant: str) -> dict | None:
     from kdforge.models.quant_grid import on_grid
 
     state = model.state_dict()
-    off = [n for n in record.get("tensors", []) if n not in state or not on_grid(state[n].detach().cpu(), quant)]
+    grids = record.get("grids") or {}
+    off = [n for n in record.get("tensors", [])
+           if n not in state or not on_grid(state[n].detach().cpu(), grids.get(n, quant))]
     if off:
         raise GGUFExportError(f"the model was trained on the {quant} grid (config kdforge_quant_aware) but {len(off)} "
                               f"of its weights are no longer on it (e.g. {off[0]}): it was changed after "
                               "quantisation-aware training; delete kdforge_quant_aware from its config.json to "
                               "export it as an ordinary model")
     return record
+
+
+def check_trained_types(planned: Sequence[_Planned], record: Mapping[str, Any]) -> None:
+    """Each weight trained on a grid must be written on that grid: a QAT run with the output projection on
+    Q8_0 (llama.cpp's layout) exported ``--pure``, or a ``pure`` run exported without it, would silently
+    re-round that weight; refused with the fix."""
+    grids = record.get("grids") or {}
+    for t in planned:
+        if t.hf_name not in record.get("tensors", []):
+            continue
+        want = grids.get(t.hf_name, record["grid"])
+        if t.qtype_name != want:
+            flag = "without --pure" if want != record["grid"] else "with --pure"
+            raise GGUFExportError(f"{t.name} was trained on the {want} grid (quantisation-aware distillation, config "
+                                  f"kdforge_quant_aware) but this export writes it as {t.qtype_name}: export {flag} "
+                                  "(as it was trained), or retrain with quant_aware_pure matching the export")
 
 
 def _other_grid(model, quant: str) -> dict | None:

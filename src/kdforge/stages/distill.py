@@ -183,6 +183,14 @@ class DistillConfig(StageConfig):
         "`kdforge export --quant q4_0|q8_0` then writes exactly the trained values")
     quant_aware_keep: list[str] = Field(default_factory=list, description="quant_aware: regexes of weight names "
                                         "left in full precision (the export keeps them f16), e.g. embed_tokens")
+    quant_aware_pure: bool = Field(False, description="quant_aware: every weight on the base grid, the output "
+                                   "projection (a tied embedding) too, for `kdforge export --pure`; by default it "
+                                   "trains on q8_0 in a q4_0 run, as llama.cpp's Q4_0 files keep it")
+    quant_aware_scales: Literal["reference", "learned"] = Field(
+        "reference", description="quant_aware: each block's scale recomputed from the weights as llama.cpp's "
+        "reference quantiser picks it, or learned (a trainable fp16 scale per block, LSQ; q4_0/q8_0 only)")
+    quant_aware_scale_lr: float = Field(1e-3, gt=0, description="quant_aware_scales learned: peak learning rate of "
+                                        "the log-scales (a relative change per step), on the same schedule as lr")
     chunk_size: int | None = Field(256, gt=0, description="target positions per projection/loss/backward chunk")
     # optimisation
     method: Literal["full", "lora"] = "full"
@@ -249,8 +257,13 @@ class DistillConfig(StageConfig):
         if self.quant_aware is not None and (self.method == "lora" or self.objective != "kd"):
             raise ValueError("quant_aware trains the weights themselves on the grid: use method full (a LoRA adapter "
                              "merged afterwards would leave it) and objective kd")
-        if self.quant_aware_keep and self.quant_aware is None:
-            raise ValueError("quant_aware_keep is set but quant_aware is not: set quant_aware (q4_0, q8_0, int4)")
+        if self.quant_aware is None and (self.quant_aware_keep or self.quant_aware_pure
+                                         or self.quant_aware_scales != "reference"):
+            raise ValueError("quant_aware_keep/pure/scales are set but quant_aware is not: set quant_aware "
+                             "(q4_0, q8_0, int4)")
+        if self.quant_aware == "int4" and self.quant_aware_scales == "learned":
+            raise ValueError("quant_aware_scales learned is for q4_0/q8_0 (a GGUF block stores its scale); the ONNX "
+                             "int4 builder derives scales from the weights again: use quant_aware_scales reference")
         for pattern in self.quant_aware_keep:
             try:
                 re.compile(pattern)
@@ -539,13 +552,18 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
 
         # After the trainable set is chosen: the parametrization renames parameters, requires_grad stays with them.
         try:
-            quant = quant_aware(module, cfg.quant_aware, cfg.quant_aware_keep)
+            quant = quant_aware(module, cfg.quant_aware, cfg.quant_aware_keep, cfg.quant_aware_pure,
+                                cfg.quant_aware_scales)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if distributed.is_main():
-            print(f"[kdforge] quant_aware {cfg.quant_aware}: {len(quant.tensors)} weights on the grid, "
-                  f"{len(quant.kept)} kept in full precision", flush=True)
+            print(f"[kdforge] quant_aware {cfg.quant_aware}: {len(quant.tensors)} weights on the grid "
+                  f"({', '.join(f'{n} on {g}' for n, g in quant.grids.items()) or 'all on it'}), "
+                  f"{len(quant.kept)} kept in full precision, {cfg.quant_aware_scales} scales", flush=True)
     all_params = params + (list(projection.parameters()) if projection is not None else [])
+    groups: list[dict] = [{"params": all_params}]
+    if quant is not None and quant.scale_parameters():
+        groups.append({"params": quant.scale_parameters(), "lr": cfg.quant_aware_scale_lr, "weight_decay": 0.0})
     root = TargetHidden(module, projection)
     if prefs is not None and par.active:
         raise ConfigError(f"objective {cfg.objective} with several processes is not built: run it in one process")
@@ -555,7 +573,8 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
         # optimizer is built on the wrapped module's. DDP has already made every rank's weights rank 0's.
         root = par.wrap_student(root, bf16=use_bf16)
         all_params = [p for p in root.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(all_params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+    opt = torch.optim.AdamW(groups if not par.active else all_params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.95),
                             **({"foreach": True} if par.shards else {"fused": True}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(
         s, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule, cfg.min_lr_ratio))
@@ -648,7 +667,8 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
         val_batches = [make_batch(val_data[i:i + cfg.batch_size], val_rows[i:i + cfg.batch_size] if val_rows else None,
                                   tok.pad_token_id, val_pairs[i:i + cfg.batch_size] if val_pairs else None, t_pad)
                        for i in range(0, len(val_data), cfg.batch_size)]
-    return _Training(cfg, out, tok, module, all_params, projection, opt, sched, distiller,
+    clipped = all_params + [p for g in groups[1:] for p in g["params"]]  # learned QAT scales too
+    return _Training(cfg, out, tok, module, clipped, projection, opt, sched, distiller,
                      sampler.stream(skip=consumed), data, rows, val_batches, layer_map,
                      sampler.batches_per_epoch() / micro_per_step, start_step, consumed, log_path,
                      par, root, micro_per_step, pairs, t_pad, kept, student_sampler, cross, batcher, quant)

@@ -51,6 +51,9 @@ class ExportConfig(StageConfig):
                                 description="GGUF tensor names or globs kept at f16, e.g. token_embd output")
     allow_fallback: bool = Field(False, description="write tensors whose rows do not divide into blocks as f16 "
                                  "instead of failing")
+    pure: bool = Field(False, description="every 2-D tensor in the requested type, as llama-quantize --pure; by "
+                       "default a q4_0/q4_1/q5_0/q5_1 file keeps the output projection (a tied embedding) at "
+                       "q8_0, as llama-quantize does")
     pre: str | None = Field(None, description="llama.cpp pre-tokenizer name (default: detected)")
     calibration: str = Field("auto", description="text for calibrated (GPTQ) rounding of q8_0/q4_0 tensors "
                              "(and of --to vllm's w4a16/w8a8): "
@@ -193,7 +196,7 @@ def _calibrate(cfg: ExportConfig, model, tok) -> tuple[dict | None, dict[str, An
 
     if cfg.calibration == "none":
         return None, None
-    tensors = calibrated_names(model, cfg.quant, cfg.keep_f16, cfg.allow_fallback)
+    tensors = calibrated_names(model, cfg.quant, cfg.keep_f16, cfg.allow_fallback, cfg.pure)
     if not tensors:
         return None, None
     t0 = time.time()
@@ -324,7 +327,7 @@ def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
             fname = f"model-{quant}.gguf"
             t1 = time.time()
             summary = write_gguf(model, tok, tmp / fname, quant, cfg.keep_f16, cfg.allow_fallback, cfg.pre, name,
-                                 hessians)
+                                 hessians, cfg.pure)
             summary["path"] = fname
             summary["write_s"] = round(time.time() - t1, 2)
             if cfg.check:
@@ -398,7 +401,8 @@ STAGES = (
     Stage("export", "write a model as GGUF (llama.cpp/Ollama), ONNX (ONNX Runtime GenAI) or compressed-tensors "
           "(vLLM) and check that it round-trips", ExportConfig, run,
           positional="model", flags=("to", "quant", "scheme", "w4a16_method", "group_size", "keep_f16",
-                                     "allow_fallback", "pre", "calibration", "calibration_samples", "check", "out")),
+                                     "allow_fallback", "pure", "pre", "calibration", "calibration_samples", "check",
+                                     "out")),
     Stage("quantize", "weight quantisation in PyTorch (torchao int8/int4; bitsandbytes on CUDA)", QuantizeConfig,
           run_quantize, positional="model", flags=("method", "group_size", "check", "out")),
 )
