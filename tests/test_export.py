@@ -332,6 +332,32 @@ def test_llama_cpp_runs_the_file(tiny_model_dir, tmp_path):
     lm.close()
 
 
+def test_llama_cpp_runs_the_q4_0_layout_with_a_q8_0_output(tiny_model_dir, tmp_path):
+    """A Q4_0 file as kdforge lays it out by default (the tied embedding, llama.cpp's output projection, at Q8_0)
+    is read by llama.cpp itself: its logits follow transformers' reading of the same file (llama.cpp also rounds
+    activations to 8 bits in its Q4_0/Q8_0 dot products, hence the tolerance) with the same argmax."""
+    pytest.importorskip("llama_cpp")
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdforge.runtime import LLAMA_CPP, open_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    summary = write_gguf(model, tok, tmp_path / "m.gguf", "q4_0")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    out_name = "output.weight" if "output.weight" in types else "token_embd.weight"
+    assert types[out_name] == "Q8_0" and types["blk.0.ffn_up.weight"] == "Q4_0", summary["tensor_types"]
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    lm = open_model(str(tmp_path / "m.gguf"), backend=LLAMA_CPP)
+    ids = tok(MIXED_TEXT)["input_ids"][:64]
+    ref = _logits(back, torch.tensor([ids]))[0]  # (T, V)
+    out = lm.sequence_logits(ids)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    lm.close()
+
+
 @pytest.mark.slow
 def test_embedded_teacher_gguf_roundtrip(tmp_path):
     from kdforge.export.roundtrip import gguf_roundtrip, validation_sets
