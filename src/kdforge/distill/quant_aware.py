@@ -20,7 +20,8 @@ QAT trains that weight on the Q8_0 grid; ``pure`` puts every weight on the base 
 Scales: ``reference`` recomputes each block's scale from the latent weights as llama.cpp's reference
 quantiser would (the largest magnitude lands on -8 / ±127). ``learned`` makes every block's fp16 scale a
 parameter of its own (LSQ, Esser et al., 2020; the per-block scale tuning of PEQA), initialised to the
-reference scale of the starting weights: a GGUF block stores its scale, so any scale is written exactly,
+start's own scales (the reference choice for full-precision weights, the stored ones for a quantised file
+read back): a GGUF block stores its scale, so any scale is written exactly,
 and unlike the integers a scale moves continuously, so small steps change the model smoothly instead of
 flipping weights across rounding boundaries. The scale is ``d0·exp(s)``: ``s`` (0 at the start) moves each
 scale by a relative amount, whatever its size. Not for ``int4`` (the ONNX model builder derives its
