@@ -239,9 +239,14 @@ def _rounded_blocks(t: _Planned, weight: torch.Tensor, hessian: torch.Tensor | N
     else:
         rounded = round_to_nearest(w, t.qtype_name)
     fitted = int((rounded.d != reference_scales(w, t.qtype_name)).sum())
+    return _packed(t, rounded), fitted
+
+
+def _packed(t: _Planned, rounded: Rounded) -> np.ndarray:
+    """GGUF bytes of ``rounded`` (HF row order), rows permuted for llama.cpp like `_Planned.array`."""
     if t.permute_heads:
         rounded = rounded.permute_rows(permute_qk(np.arange(t.shape[0]), t.permute_heads))
-    return pack(rounded, t.qtype_name), fitted
+    return pack(rounded, t.qtype_name)
 
 
 def write_gguf(
@@ -296,10 +301,7 @@ def write_gguf(
             if t.hf_name in exact:
                 # On the grid already, with the reference scale or a learned one: written as it is.
                 d, q = decompose(state[t.hf_name].detach().cpu(), t.qtype_name)
-                rounded = Rounded(q, d)
-                if t.permute_heads:
-                    rounded = rounded.permute_rows(permute_qk(np.arange(t.shape[0]), t.permute_heads))
-                writer.add_tensor(t.name, pack(rounded, t.qtype_name), raw_dtype=qtype)
+                writer.add_tensor(t.name, _packed(t, Rounded(q, d)), raw_dtype=qtype)
                 continue
             if hessian is not None or t.qtype_name == "q8_0":
                 # Q8_0 always takes kdforge's own rounding, for the scales fitted to a quantised source.
