@@ -43,6 +43,12 @@ Protocol (every figure is printed in the JSON's "protocol"):
   Gemma on bits per byte and span top-1 (untrained 1.096 bpb; sft 1.38-1.45, kd 1.47-1.87 over 3 seeds),
   i.e. it measured how two recipes damage a pre-trained model, so the lr was lowered to a common full
   fine-tuning value, the same for both arms (--lr-a 3e-4 repeats that run).
+  Third round (2026-12-04), protocol fixed before it ran: at 30 steps on 120 conversations neither student
+  can do the tasks (1-2 items of 48 each), so the task score could not rank the arms. The third round trains
+  on more data for longer: the demo's teacher answers (--data demo_out/generate: 594 train / 66 validation
+  conversations, 96 new tokens), 150 steps x batch 4 (about one pass over the train split), lr 3e-5, seeds 0
+  and 1, the two arms of the second round (sft, kd_prefix_a08_t1, unchanged), 40 task items of each type
+  (80), every measure as before. Nothing else is changed, and the round is reported whatever it shows.
   Scored on the validation answers:
     * bits per byte = sum over the student's target tokens that spell text (its own tokenisation; the
       end-of-turn control token excluded) of their NLL in nats / (ln 2 x the UTF-8 bytes of the answer

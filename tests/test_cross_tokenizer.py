@@ -611,3 +611,41 @@ def test_trimmed_student_trains_from_the_teachers_own_label_cache(tokenizer, tmp
     (other / "kdforge_vocab_map.json").write_text(json.dumps(vm))
     with pytest.raises(ConfigError, match="cross_tokenizer=true"):
         _distill({**paths, "student": str(other)}, tmp_path / "x", labels=str(tmp_path / "labels"))
+
+
+def test_trimmed_student_from_a_cache_validates_on_what_lines_up(tokenizer, tmp_path, capsys):
+    """Trimmed on the train split only, the validation text outside it is spelled in more tokens than the cache
+    holds: cached validation leaves those conversations out (and says so) instead of failing mid-run; a student
+    trimmed on other data than the training data is refused before the first step."""
+    from kdforge.cli import main
+    from kdforge.stages.label import LabelConfig
+    from kdforge.stages.label import run as label
+
+    teacher = tmp_path / "teacher"
+    make_tiny("llama", len(tokenizer), seed=0).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    turns = [("Hi", "Hello there, how are you today?"), ("Sum", "2 + 2 = 4 and 3 + 5 = 8."),
+             ("Zh", "北京是中国的首都。"), ("Fr", "Paris is in France."), ("Hi again", "Hello there, how are you?")]
+    data = tmp_path / "data.jsonl"
+    split = ["train", "train", "validation", "train", "validation"]  # c2 retokenizes, c4 does not
+    data.write_text("".join(json.dumps({"id": f"c{i}", "split": s, "messages": [
+        {"role": "user", "content": u}, {"role": "assistant", "content": a}]}, ensure_ascii=False) + "\n"
+        for i, ((u, a), s) in enumerate(zip(turns, split))))
+    label(LabelConfig(teacher=str(teacher), data=str(data), out=str(tmp_path / "labels"), top_k=64, split="all"))
+    student = tmp_path / "s"
+    assert main(["student", str(teacher), "--out", str(student), "--num-layers", "2", "--trim-vocab", str(data),
+                 "--set", "trim_split=train"]) == 0
+    paths = {"student": str(student), "data": str(data)}
+    capsys.readouterr()
+    log = _distill(paths, tmp_path / "d", labels=str(tmp_path / "labels"), split="train", max_steps=2,
+                   eval_every=1)
+    assert "1 of 2 conversations tokenise differently" in capsys.readouterr().out
+    assert any("val_kl" in r and math.isfinite(r["val_kl"]) for r in log)
+    # Trimmed on the first conversation only: the training data does not line up with the cache.
+    narrow = tmp_path / "narrow.jsonl"
+    narrow.write_text(data.read_text().splitlines()[1] + "\n")
+    other = tmp_path / "s2"
+    assert main(["student", str(teacher), "--out", str(other), "--num-layers", "2", "--trim-vocab", str(narrow)]) == 0
+    with pytest.raises(ConfigError, match="training conversations .* tokenise differently"):
+        _distill({**paths, "student": str(other)}, tmp_path / "d2", labels=str(tmp_path / "labels"), split="train")
+    assert not (tmp_path / "d2" / "meta.json").exists()

@@ -135,10 +135,31 @@ def test_trimmed_student_with_all_layers_agrees_exactly(report_dir):
     assert t["kl"] == 0.0 and t["top1"] == 1.0
     assert all(c["kl"] == 0.0 and c["top1"] == 1.0 for c in t["by_category"].values())
     assert t["retokenized"] == len(TURNS) - TRIMMED_ON  # the held-out ones, and only those
+    assert 0 < t["teacher_dropped_mass"] < 1  # a random teacher spreads mass over the ids the student lacks
     answers = [json.loads(x) for x in (report_dir / "task_answers.jsonl").read_text().splitlines()]
     by_model = {m: {a["id"]: a["answer"] for a in answers if a["model"] == m} for m in ("teacher", "trimmed")}
     assert by_model["trimmed"] == by_model["teacher"] and any(by_model["teacher"].values())
     assert t["tasks"] == rows["teacher"]["tasks"]
+
+
+def test_gguf_of_a_trimmed_student_is_read_as_trimmed(setup, report_dir):
+    """The export copies the vocabulary map beside the GGUF file: eval reads the file as the trimmed model it is
+    (kept ids), with the folder's figures (f32: the same weights), not as an unrelated tokenizer (spans)."""
+    from kdforge.models.vocab_trim import VOCAB_MAP_NAME
+
+    r = setup
+    assert main(["export", str(r / "trimmed"), "--to", "gguf", "--quant", "f32", "--out", str(r / "gguf"),
+                 "--set", "check=false"]) == 0
+    assert (r / "gguf" / VOCAB_MAP_NAME).read_bytes() == (r / "trimmed" / VOCAB_MAP_NAME).read_bytes()
+    assert main(["eval", "--teacher", str(r / "teacher"), "--students", str(r / "gguf" / "model-f32.gguf"),
+                 "--names", "gguf", "--data", str(r / "data.jsonl"), "--out", str(r / "ev-gguf"), *FAST,
+                 "--set", "tasks=false"]) == 0
+    got = {m["name"]: m for m in json.loads((r / "ev-gguf" / "report.json").read_text())["models"]}["gguf"]
+    want = _report(report_dir)[1]["trimmed"]
+    assert (got["tokenizer"], got["measured_on"]) == ("trimmed", "kept ids")
+    assert got["retokenized"] == want["retokenized"] and got["answer_tokens"] == want["answer_tokens"]
+    for k in ("kl", "top1", "nll", "teacher_dropped_mass"):
+        assert got[k] == pytest.approx(want[k], abs=1e-4), k
 
 
 def test_other_tokenizer_student_reports_span_figures(report_dir):
@@ -166,8 +187,9 @@ def test_markdown_shows_the_new_figures_as_json_has_them(report_dir):
     for row, m in zip(table[1:], report["models"]):
         assert row[:5] == [m["name"], m["tokenizer"], m["measured_on"], str(m["answer_tokens"]),
                            f"{m['bits_per_byte']:.4f}"]
-    assert table[4][5:] == [str(rows["other"]["spans"]), f"{rows['other']['coverage']:.3f}", "–"]
-    assert table[3][5:] == ["–", "–", str(rows["trimmed"]["retokenized"])]
+    assert table[4][5:] == [str(rows["other"]["spans"]), f"{rows['other']['coverage']:.3f}", "–", "–"]
+    assert table[3][5:] == ["–", "–", str(rows["trimmed"]["retokenized"]),
+                            f"{rows['trimmed']['teacher_dropped_mass']:.4f}"]
     for t in _md_tables(md):
         for r in t[1:]:
             for c in r[1:]:
@@ -254,7 +276,7 @@ def test_trimmed_path_with_every_id_kept_is_the_ordinary_path(toks):
     res = agreement_by_category(teacher, [student, student], data, ["a", "b", "a", "b", "a"], tok.pad_token_id,
                                 len(tok), batch_size=2, readings=[None, r], tokenizer=tok)
     same, trimmed = res["models"]
-    assert trimmed["retokenized"] == 0
+    assert trimmed["retokenized"] == 0 and trimmed["teacher_dropped_mass"] == pytest.approx(0, abs=1e-6)
     for k in ("nll", "kl", "top1", "bits_per_byte"):
         assert trimmed[k] == pytest.approx(same[k], rel=1e-6), k
         for c in ("a", "b"):

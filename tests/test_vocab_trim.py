@@ -204,6 +204,45 @@ def test_stage_writes_a_plain_trimmed_hf_folder(arch, tokenizer, tmp_path):
         assert all(0 <= i < len(kept) for i in answer)
 
 
+def test_trim_split_train_keeps_the_validation_text_unseen(tokenizer, tmp_path):
+    """trim_split=train: the validation conversations' tokens are not kept (unless the train split uses them);
+    the trimmed tokenizer still encodes the validation text, in smaller pieces, without a missing id."""
+    from transformers import AutoTokenizer
+
+    from kdforge.artifacts import read_meta
+    from kdforge.config import ConfigError
+    from kdforge.stages.student import StudentConfig
+    from kdforge.stages.student import run as run_student
+
+    teacher_dir = save_tiny(tmp_path / "teacher", "llama", tokenizer)
+    data = tmp_path / "data.jsonl"
+    rows = [{"id": f"c{i}", "split": "validation" if i == 3 else "train",
+             "messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
+            for i, (u, a) in enumerate(TURNS)]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    outs = {}
+    for split in ("all", "train"):
+        outs[split] = tmp_path / split
+        run_student(StudentConfig(teacher=str(teacher_dir), out=str(outs[split]), num_layers=2,
+                                  trim_vocab=str(data), trim_split=split))
+    kept_all, kept_train = read_vocab_map(outs["all"]), read_vocab_map(outs["train"])
+    assert set(kept_train) < set(kept_all)
+    val_text = TURNS[3][1]  # the Chinese answer: its merged tokens are the validation split's only
+    val_ids = tokenizer(val_text, add_special_tokens=False).input_ids
+    assert not set(val_ids) <= set(kept_train) and set(val_ids) <= set(kept_all)
+    tok = AutoTokenizer.from_pretrained(outs["train"])
+    ids = tok(val_text, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == val_text and len(ids) > len(val_ids) and max(ids) < len(kept_train)
+    meta = read_meta(outs["train"])
+    assert meta["trim_vocab"]["split"] == "train" and meta["trim_vocab"]["conversations"] == len(TURNS) - 1
+    only_val = tmp_path / "val.jsonl"
+    only_val.write_text(json.dumps(rows[3], ensure_ascii=False) + "\n")
+    with pytest.raises(ConfigError, match="no train conversations"):
+        run_student(StudentConfig(teacher=str(teacher_dir), out=str(tmp_path / "x"), num_layers=2,
+                                  trim_vocab=str(only_val), trim_split="train"))
+    assert not (tmp_path / "x").exists()
+
+
 def test_trimmed_student_exports_to_gguf(tokenizer, tmp_path):
     """GGUF keeps working: the pre-tokenizer is still detected as SmolLM's (its specials, ids 0-3, are kept)
     and the file's tokenizer gives the same ids."""

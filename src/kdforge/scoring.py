@@ -79,7 +79,7 @@ class _Sums:
     def __init__(self, n_cat: int):
         z = lambda: torch.zeros(n_cat, dtype=torch.float64)  # noqa: E731
         self.s = {k: z() for k in METRICS}
-        self.tokens, self.units, self.bytes, self.aligned = z(), z(), z(), z()
+        self.tokens, self.units, self.bytes, self.aligned, self.dropped = z(), z(), z(), z(), z()
         self.retokenized = 0
 
     def add(self, key: str, cat: torch.Tensor, values: torch.Tensor) -> None:
@@ -129,6 +129,9 @@ def _trimmed(sums: _Sums, t_rt, rt, r: TrimmedReading, t_logits, t_data, i: int,
     sums.add("kl", row_cat, divergence(logits, t_cut, "forward_kl", chunk_size=1024))
     sums.add("top1", row_cat, (logits.argmax(-1) == t_cut.argmax(-1)).float())
     sums.add("units", row_cat, torch.ones(len(row_cat)))
+    # What the kept-ids KL leaves out: the teacher's probability on ids the model cannot write, per token.
+    kept_mass = torch.logsumexp(F.log_softmax(t_logits.float(), dim=-1)[:, r.kept.to(t_logits.device)], dim=-1)
+    sums.add("dropped", row_cat, -torch.expm1(kept_mass))  # (N,) 1 - P_teacher(kept)
 
 
 def _cross(sums: _Sums, rt, r: CrossReading, t_logits, t_targets, t_mask, i: int, bs: int, cat_ids,
@@ -189,7 +192,9 @@ def agreement_by_category(teacher, models: list, data: list[EncodedConversation]
     for them). Returns ``{"models": [{"nll", "kl", "top1", "tokens", "bits_per_byte", "by_category": {cat:
     {...}}, ...}], "categories": {cat: {"conversations", "tokens", "teacher_entropy"}}}``; ``tokens``: the
     model's own answer tokens; a trimmed model adds ``retokenized`` (conversations its tokenizer spells in other
-    tokens than the teacher's), another tokenizer ``spans`` and ``aligned_tokens`` (its tokens inside spans).
+    tokens than the teacher's) and ``teacher_dropped_mass`` (the teacher's mean probability on ids the model
+    lacks: what its kept-ids KL does not see), another tokenizer ``spans`` and ``aligned_tokens`` (its tokens
+    inside spans).
     """
     readings = readings or [None] * len(models)
     names = sorted(set(categories))
@@ -245,6 +250,7 @@ def agreement_by_category(teacher, models: list, data: list[EncodedConversation]
         row["tokens"] = int(total) if r is None else int(s.tokens.sum())
         if isinstance(r, TrimmedReading):
             row["retokenized"] = s.retokenized
+            row["teacher_dropped_mass"] = float(s.dropped.sum()) / max(float(s.units.sum()), 1)
         if isinstance(r, CrossReading):
             row["aligned_tokens"] = int(s.aligned.sum())
         row["by_category"] = {c: _means(s, r, own, units, j) for j, c in enumerate(names)}

@@ -115,9 +115,10 @@ def measured_table(report: dict[str, Any]) -> str:
     for m in report["models"]:
         rows.append([m["name"], m.get("tokenizer", "same"), m.get("measured_on", "tokens"),
                      cell(m.get("answer_tokens")), cell(m.get("bits_per_byte"), "{:.4f}"), cell(m.get("spans")),
-                     cell(m.get("coverage"), "{:.3f}"), cell(m.get("retokenized"))])
+                     cell(m.get("coverage"), "{:.3f}"), cell(m.get("retokenized")),
+                     cell(m.get("teacher_dropped_mass"), "{:.4f}")])
     return table(["model", "tokenizer", "KL and top-1 over", "answer tokens (own)", "bits per byte", "aligned spans",
-                  "tokens in spans", "conversations retokenized"], rows)
+                  "tokens in spans", "conversations retokenized", "teacher mass on dropped ids"], rows)
 
 
 def render(report: dict[str, Any], summary: str) -> str:
@@ -137,7 +138,9 @@ def render(report: dict[str, Any], summary: str) -> str:
         "A model with the teacher's tokenizer (`same`) reads the teacher's tokens. A `trimmed` one (its vocabulary "
         "cut from the teacher's) reads its own ids, the teacher the same tokens; KL and top-1 are over the kept ids, "
         "the teacher's distribution renormalised over them (conversations retokenized: text the trimmed "
-        "tokenizer spells in shorter tokens, which the teacher then reads too). A model with `other` tokenizer "
+        "tokenizer spells in shorter tokens, which the teacher then reads too; teacher mass on dropped ids: its mean "
+        "probability per answer token on the ids the trimmed model lacks, which the kept-ids KL does not see). "
+        "A model with `other` tokenizer "
         "reads its own encoding: KL is the forward KL over the shared vocabulary per aligned span at T=1, top-1 "
         "is span top-1 agreement (the first tokens agree on the text), tokens in spans the share of its answer "
         "tokens the spans cover. NLL is per the model's own answer token; bits per byte (the same NLL in bits, "

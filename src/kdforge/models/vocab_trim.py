@@ -288,11 +288,14 @@ def read_vocab_map(folder: str | Path) -> list[int] | None:
 
 
 def trimmed_from(student_path: str, teacher_tok, student_tok):
-    """The kept teacher ids (K,) of a student trimmed from this teacher's vocabulary (its folder's vocabulary map
-    names them, and their strings are the student's tokens), else None."""
+    """The kept teacher ids (K,) of a student trimmed from this teacher's vocabulary (its folder's vocabulary map,
+    or for a GGUF file the map beside it, names them, and their strings are the student's tokens), else None."""
     import torch
 
-    kept = read_vocab_map(student_path) if Path(student_path).is_dir() else None
+    path = Path(student_path)
+    # A GGUF file exported from a trimmed folder has the map beside it (the export stage copies it there).
+    folder = path if path.is_dir() else path.parent if path.suffix.lower() == ".gguf" and path.is_file() else None
+    kept = read_vocab_map(folder) if folder is not None else None
     if kept is None or len(kept) != len(student_tok) or max(kept, default=0) >= len(teacher_tok):
         return None
     if teacher_tok.convert_ids_to_tokens(kept) != student_tok.convert_ids_to_tokens(list(range(len(kept)))):

@@ -517,6 +517,8 @@ def _setup(cfg: DistillConfig, overwrite: bool, resume: bool) -> _Training:
         raise ConfigError(f"{cfg.data}: no conversation in split '{cfg.split}' has assistant tokens to train on")
     rows = rows_for(kept)
     val_rows = rows_for(val_kept) if val_data else None
+    if cache is not None and getattr(teacher, "student_id", None) is not None:
+        val_data, val_kept, val_rows = _lined_up_with_cache(cfg, cache, data, kept, rows, val_data, val_kept, val_rows)
     pairs = val_pairs = None
     if cross is not None:
         from kdforge.distill.cross_teacher import encode_pairs
@@ -769,6 +771,34 @@ def coverage(pairs: list) -> str:
     spans = sum(len(p.spans) for p in pairs)
     return (f"{spans} spans cover {aligned} of {s_targets} student target tokens "
             f"({100 * aligned / max(s_targets, 1):.1f}%), {sum(p.t_targets for p in pairs)} teacher tokens")
+
+
+def _lined_up_with_cache(cfg: DistillConfig, cache, data: list, kept: list, rows: list[int], val_data: list,
+                         val_kept: list, val_rows: list[int] | None) -> tuple[list, list, list[int] | None]:
+    """A student trimmed from the cache's teacher spells text outside its trimming data in more, shorter tokens,
+    whose positions the cache (per teacher token) does not have. Training conversations must line up (else the
+    trimming data was not this data: refused before any step); validation ones that do not are left out of the
+    cached validation (`kdforge eval` scores them, the teacher reading the same shorter tokens)."""
+    from kdforge import distributed
+
+    bad = [c.id for c, e, r in zip(kept, data, rows) if e.num_targets != cache.num_targets(r)]
+    if bad:
+        raise ConfigError(f"{len(bad)} training conversations (e.g. {bad[0]!r}) tokenise differently under the "
+                          f"trimmed student's vocabulary ({cfg.student}) than in the cache {cfg.labels}: trim the "
+                          "student on this training data (`kdforge student --trim-vocab DATA`), or distil it from "
+                          "the live teacher (--teacher), which reads the student's tokens")
+    if not val_data:
+        return val_data, val_kept, val_rows
+    ok = [i for i, (e, r) in enumerate(zip(val_data, val_rows)) if e.num_targets == cache.num_targets(r)]
+    if len(ok) < len(val_data) and distributed.is_main():
+        print(f"[kdforge] validation from the cache: {len(val_data) - len(ok)} of {len(val_data)} conversations "
+              "tokenise differently under the trimmed vocabulary (text outside its trimming data) and are left out; "
+              "`kdforge eval` scores them all", flush=True)
+    if not ok:
+        raise ConfigError(f"no validation conversation of {cfg.data} tokenises under the trimmed vocabulary as in "
+                          f"the cache {cfg.labels}: trim the student on data that covers the validation split too, "
+                          "or set eval_every=0")
+    return [val_data[i] for i in ok], [val_kept[i] for i in ok], [val_rows[i] for i in ok]
 
 
 def _teacher_signal(cfg: DistillConfig, cache, student, tok, device, par):

@@ -163,6 +163,7 @@ def measured(kind: str, q: dict[str, Any]) -> dict[str, Any]:
                            "answer_tokens": q["tokens"]}
     if kind == "trimmed":
         out["retokenized"] = q["retokenized"]
+        out["teacher_dropped_mass"] = q["teacher_dropped_mass"]
     if kind == "other":
         out["spans"] = q["spans"]
         out["aligned_tokens"] = q["aligned_tokens"]

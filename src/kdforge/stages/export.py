@@ -11,13 +11,14 @@ quantize/ an HF folder (model.safetensors with the quantization_config in config
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kdforge.artifacts import atomic_dir, atomic_write_json, check_writable, write_config, write_meta
+from kdforge.artifacts import atomic_dir, atomic_write_json, check_writable, product, write_config, write_meta
 from kdforge.config import StageConfig, dump
 from kdforge.export.formats import METHODS, QUANT_NAMES
 from kdforge.export.onnx import ONNX_QUANTS
@@ -301,6 +302,17 @@ def run_vllm(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     return metrics
 
 
+def _copy_vocab_map(model: str, out: Path) -> None:
+    """A trimmed student's vocabulary map goes beside its GGUF files: eval then reads a file as the trimmed model
+    it is (its ids mapped to the teacher's), not as one with an unrelated tokenizer (aligned by bytes)."""
+    from kdforge.models.vocab_trim import VOCAB_MAP_NAME
+
+    src = product(model, "vocab_map") if Path(model).is_dir() else None
+    src = src or Path(model) / VOCAB_MAP_NAME
+    if src.is_file():
+        shutil.copyfile(src, out / VOCAB_MAP_NAME)
+
+
 def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     from kdforge.export.gguf_writer import check_supported, write_gguf
     from kdforge.export.roundtrip import gguf_roundtrip, source_logits, validation_sets
@@ -323,6 +335,7 @@ def run(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     problems: list[str] = []
     with atomic_dir(cfg.out, overwrite=overwrite) as tmp:
         write_config(tmp, dump(cfg))
+        _copy_vocab_map(cfg.model, tmp)
         for quant in cfg.quant:
             fname = f"model-{quant}.gguf"
             t1 = time.time()

@@ -46,6 +46,8 @@ class StudentConfig(StageConfig):
     trim_vocab: str | None = Field(None, description="keep only the tokens this data uses (a `kdforge generate` "
                                    "folder, conversations JSONL or 'bundled'), plus the chat template's, special "
                                    "and byte tokens: the embedding and head shrink to them")
+    trim_split: Literal["all", "train"] = Field("all", description="trim_vocab: the conversations of this split "
+                                                "only ('train': a held-out validation split stays unseen)")
     tokenizer: str | None = Field(None, description="give the student this tokenizer (a folder) instead of the "
                                   "teacher's: its embeddings start from the teacher's rows for each token's text")
     train_tokenizer: int | None = Field(None, gt=0, description="give the student a new tokenizer of at most this "
@@ -90,7 +92,7 @@ def run(cfg: StudentConfig, overwrite: bool = False) -> dict[str, Any]:
             check_trimmable(tok)
         except VocabTrimError as e:
             raise ConfigError(f"student: {e}") from None
-        trim_data = _trim_data(cfg.trim_vocab)
+        trim_data = _trim_data(cfg.trim_vocab, cfg.trim_split)
     new_tok = _new_tokenizer(cfg, tok)  # checked and trained before pruning: a bad tokenizer fails early
     imp = None
     if cfg.method in ("depth", "width"):
@@ -198,15 +200,23 @@ def _transplant(student, tok, new_tok):
                      "embedding_params_after": embedding_parameters(student)}, stats
 
 
-def _trim_data(spec: str) -> tuple[list, dict[str, Any]]:
+def _trim_data(spec: str, split: str = "all") -> tuple[list, dict[str, Any]]:
     """The conversations whose tokens a trimmed student keeps, and how meta.json records them."""
     from kdforge.artifacts import parent_entry
-    from kdforge.data.formats import data_file, load_training_data
+    from kdforge.data.formats import data_file, load_training_data, select_split
     from kdforge.data.prompts import BUNDLED, bundled_prompts_path, load_prompt_set
 
     if spec == BUNDLED:
-        return load_prompt_set(spec), parent_entry(bundled_prompts_path())
-    return load_training_data(spec), parent_entry(data_file(spec))
+        convs, entry = load_prompt_set(spec), parent_entry(bundled_prompts_path())
+    else:
+        convs, entry = load_training_data(spec), parent_entry(data_file(spec))
+    if split == "all":
+        return convs, entry
+    chosen = select_split(convs, split)
+    if not chosen:
+        raise ConfigError(f"student: trim_split={split!r}: {spec} has no {split} conversations (records without "
+                          "a split count as train); use trim_split: all")
+    return chosen, entry | {"split": split, "conversations": len(chosen)}
 
 
 def _trim(student, tok, conversations: list):
