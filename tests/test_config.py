@@ -86,7 +86,8 @@ def test_the_demo_is_one_shipped_file():
     by_name = {s.name: c for s, c in quick}
     assert by_name["distill"].max_steps == 5 and by_name["generate"].limit == 48  # --set wins over quick
     assert by_name["eval"].students[-1] == "/tmp/x/export/model-q8_0.gguf"
-    assert {s.name: c for s, c in full}["student"].num_layers == 20
+    student = {s.name: c for s, c in full}["student"]
+    assert (student.num_layers, student.trim_vocab, student.trim_split) == (27, "/tmp/x/generate", "train")
 
 
 def test_cli_flags_come_from_config_fields():

@@ -649,3 +649,15 @@ def test_trimmed_student_from_a_cache_validates_on_what_lines_up(tokenizer, tmp_
     with pytest.raises(ConfigError, match="training conversations .* tokenise differently"):
         _distill({**paths, "student": str(other)}, tmp_path / "d2", labels=str(tmp_path / "labels"), split="train")
     assert not (tmp_path / "d2" / "meta.json").exists()
+    # Only retokenized validation conversations: training runs, without validation (eval scores them).
+    only = tmp_path / "only.jsonl"
+    only.write_text("".join(x + "\n" for i, x in enumerate(data.read_text().splitlines()) if i != 4))
+    label(LabelConfig(teacher=str(teacher), data=str(only), out=str(tmp_path / "labels2"), top_k=64, split="all"))
+    s3 = tmp_path / "s3"
+    assert main(["student", str(teacher), "--out", str(s3), "--num-layers", "2", "--trim-vocab", str(only),
+                 "--set", "trim_split=train"]) == 0
+    capsys.readouterr()
+    log = _distill({"student": str(s3), "data": str(only)}, tmp_path / "d3", labels=str(tmp_path / "labels2"),
+                   split="train", max_steps=2, eval_every=1)
+    assert "so there is no validation during training" in capsys.readouterr().out
+    assert len(log) == 2 and not any("val_kl" in r for r in log)

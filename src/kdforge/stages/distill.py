@@ -792,12 +792,9 @@ def _lined_up_with_cache(cfg: DistillConfig, cache, data: list, kept: list, rows
     ok = [i for i, (e, r) in enumerate(zip(val_data, val_rows)) if e.num_targets == cache.num_targets(r)]
     if len(ok) < len(val_data) and distributed.is_main():
         print(f"[kdforge] validation from the cache: {len(val_data) - len(ok)} of {len(val_data)} conversations "
-              "tokenise differently under the trimmed vocabulary (text outside its trimming data) and are left out; "
-              "`kdforge eval` scores them all", flush=True)
-    if not ok:
-        raise ConfigError(f"no validation conversation of {cfg.data} tokenises under the trimmed vocabulary as in "
-                          f"the cache {cfg.labels}: trim the student on data that covers the validation split too, "
-                          "or set eval_every=0")
+              "tokenise differently under the trimmed vocabulary (text outside its trimming data) and are left out"
+              + ("" if ok else ", so there is no validation during training") + "; `kdforge eval` scores them all",
+              flush=True)
     return [val_data[i] for i in ok], [val_kept[i] for i in ok], [val_rows[i] for i in ok]
 
 
