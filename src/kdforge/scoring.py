@@ -130,7 +130,8 @@ def _trimmed(sums: _Sums, t_rt, rt, r: TrimmedReading, t_logits, t_data, i: int,
     sums.add("top1", row_cat, (logits.argmax(-1) == t_cut.argmax(-1)).float())
     sums.add("units", row_cat, torch.ones(len(row_cat)))
     # What the kept-ids KL leaves out: the teacher's probability on ids the model cannot write, per token.
-    kept_mass = torch.logsumexp(F.log_softmax(t_logits.float(), dim=-1)[:, r.kept.to(t_logits.device)], dim=-1)
+    t = t_logits.float()
+    kept_mass = torch.logsumexp(t[:, r.kept.to(t.device)], dim=-1) - torch.logsumexp(t, dim=-1)  # (N,) log P(kept)
     sums.add("dropped", row_cat, -torch.expm1(kept_mass))  # (N,) 1 - P_teacher(kept)
 
 

@@ -270,10 +270,17 @@ def write_vocab_map(folder: str | Path, kept_teacher_ids: list[int], teacher_voc
     return path
 
 
+def vocab_map_file(folder: str | Path) -> Path | None:
+    """A trimmed student folder's vocabulary map file (the one its meta.json declares, else the default name), or
+    None when there is none."""
+    path = product(folder, "vocab_map") or Path(folder) / VOCAB_MAP_NAME
+    return path if path.is_file() else None
+
+
 def read_vocab_map(folder: str | Path) -> list[int] | None:
     """The kept teacher ids of a trimmed student folder, or None when its vocabulary is the teacher's."""
-    path = product(folder, "vocab_map") or Path(folder) / VOCAB_MAP_NAME
-    if not path.is_file():
+    path = vocab_map_file(folder)
+    if path is None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -311,7 +318,9 @@ def same_vocabulary(teacher_tok, student_tok) -> bool:
 def vocab_map_teacher_vocab(folder: str | Path) -> str | None:
     """The hash of the teacher vocabulary a trimmed student was cut from (``teacher_vocab_sha256`` in its map,
     softlabels.format.tokenizer_fingerprint's), or None (no map, or one written before it was recorded)."""
-    path = product(folder, "vocab_map") or Path(folder) / VOCAB_MAP_NAME
+    path = vocab_map_file(folder)
+    if path is None:
+        return None
     try:
         return json.loads(path.read_text(encoding="utf-8")).get("teacher_vocab_sha256")
     except (OSError, ValueError, AttributeError):

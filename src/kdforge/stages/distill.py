@@ -1101,10 +1101,9 @@ def _save_final(out: Path, model, tok, state: dict | None = None, carry: Path | 
 
 def _vocab_map_of(student: str) -> Path | None:
     """A trimmed student's id map, so that the distilled folder is trimmed from the same teacher too."""
-    from kdforge.models.vocab_trim import VOCAB_MAP_NAME
+    from kdforge.models.vocab_trim import vocab_map_file
 
-    path = Path(student) / VOCAB_MAP_NAME
-    return path if path.is_file() else None
+    return vocab_map_file(student)
 
 
 def _tensorboard(out: Path):

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kdforge.artifacts import atomic_dir, atomic_write_json, check_writable, product, write_config, write_meta
+from kdforge.artifacts import atomic_dir, atomic_write_json, check_writable, write_config, write_meta
 from kdforge.config import StageConfig, dump
 from kdforge.export.formats import METHODS, QUANT_NAMES
 from kdforge.export.onnx import ONNX_QUANTS
@@ -305,11 +305,10 @@ def run_vllm(cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
 def _copy_vocab_map(model: str, out: Path) -> None:
     """A trimmed student's vocabulary map goes beside its GGUF files: eval then reads a file as the trimmed model
     it is (its ids mapped to the teacher's), not as one with an unrelated tokenizer (aligned by bytes)."""
-    from kdforge.models.vocab_trim import VOCAB_MAP_NAME
+    from kdforge.models.vocab_trim import VOCAB_MAP_NAME, vocab_map_file
 
-    src = product(model, "vocab_map") if Path(model).is_dir() else None
-    src = src or Path(model) / VOCAB_MAP_NAME
-    if src.is_file():
+    src = vocab_map_file(model)  # None for a file or embedded:NAME
+    if src is not None:
         shutil.copyfile(src, out / VOCAB_MAP_NAME)
 
 
