@@ -225,6 +225,35 @@ def test_resume_may_change_bookkeeping_and_drops_a_torn_log_row(tokenizer, tmp_p
     assert not [p.name for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]
 
 
+def test_a_wall_clock_budget_stops_the_run_and_snapshots_are_the_weights_at_their_minute(tokenizer, tmp_path,
+                                                                                          data_file):
+    """max_minutes ends the run at the first step past the budget (the schedule still sized by max_steps);
+    a snapshot taken at minute 0 is the student after step 1: with a budget spent by step 1 it equals the final
+    student, and a run of max_steps 1 without a budget gives the same weights."""
+    from safetensors.torch import load_file
+
+    t, s = _pair(tmp_path, tokenizer)
+    common = dict(teacher=t, student=s, data=str(data_file), batch_size=2, log_every=1, lr=1e-3)
+    m = run_distill(DistillConfig(out=str(tmp_path / "budget"), max_steps=50, max_minutes=1e-9,
+                                  snapshot_minutes=[0.0, 1e6], eval_every=25, **common))
+    assert m["steps"] == 1
+    rows = [json.loads(x) for x in (tmp_path / "budget" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and "val_kl" in rows[0]  # the last step is validated
+    snaps = sorted(p.name for p in (tmp_path / "budget" / "snapshots").iterdir())
+    assert snaps == ["0min"]  # the 1e6-minute snapshot was never reached
+    assert json.loads((tmp_path / "budget" / "snapshots" / "0min" / "snapshot.json").read_text())["step"] == 1
+    run_distill(DistillConfig(out=str(tmp_path / "one"), max_steps=1, **common))
+    final = load_file(tmp_path / "budget" / "model.safetensors")
+    snap = load_file(tmp_path / "budget" / "snapshots" / "0min" / "model.safetensors")
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    # The schedules differ (max_steps 50 vs 1) only after warm-up's first step: step 1's lr is the same.
+    assert set(final) == set(snap) == set(one)
+    assert all(torch.equal(final[k], snap[k]) for k in final)
+    assert all(torch.allclose(final[k], one[k], atol=1e-7) for k in final)
+    with pytest.raises(ValueError, match="increasing order"):
+        DistillConfig(teacher=t, student=s, data="d", snapshot_minutes=[5, 1])
+
+
 def test_qwen_teacher_with_padded_vocab_distils_into_smaller_vocab_student(tokenizer, tmp_path, data_file):
     """Qwen2.5-style: teacher 152,064-like rows, student 151,936-like rows, one tokenizer."""
     t, s = _pair(tmp_path, tokenizer, arch="qwen2", teacher_extra_rows=256, student_extra_rows=128)

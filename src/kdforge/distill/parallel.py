@@ -196,6 +196,16 @@ class Parallel:
 
     # -- reductions -----------------------------------------------------------------------------------
 
+    def broadcast_float(self, value: float) -> float:
+        """Rank 0's value on every rank (one clock for a wall-clock budget: ranks never disagree on stopping)."""
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.broadcast(t, src=0)
+        return float(t.item())
+
     def sum_floats(self, values: dict[str, float]) -> dict[str, float]:
         """Each value summed over ranks (the step's terms: every rank holds its micro-batches' share)."""
         if not self.active:

@@ -197,6 +197,12 @@ class DistillConfig(StageConfig):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     freeze: list[str] = Field(default_factory=list, description="regexes of parameter names to freeze")
     max_steps: int = Field(200, gt=0, description="optimizer steps")
+    max_minutes: float | None = Field(None, gt=0, description="a wall-clock budget: stop after the first step that "
+                                      "ends this many minutes after the stage started (model loading counted; "
+                                      "validation and snapshots not); the schedule still runs over max_steps")
+    snapshot_minutes: list[float] = Field(default_factory=list, description="save the student's weights (an HF "
+                                          "folder, snapshots/<m>min) after the first step ending past each of "
+                                          "these minutes of the same clock: one run read at several budgets")
     batch_size: int = Field(4, gt=0, description="conversations per micro-batch")
     grad_accum: int = Field(1, gt=0)
     global_batch_size: int | None = Field(None, gt=0, description="conversations per optimizer step over all "
@@ -254,6 +260,13 @@ class DistillConfig(StageConfig):
                     or self.hidden_loss != "none" or self.attention_loss != "none" or self.preset:
                 raise ValueError(f"objective {self.objective} takes none of on_policy, consistency, taid, hidden or "
                                  "attention alignment, presets")
+        if self.snapshot_minutes:
+            if sorted(set(self.snapshot_minutes)) != self.snapshot_minutes or min(self.snapshot_minutes) < 0:
+                raise ValueError("snapshot_minutes: distinct minutes, at least 0, in increasing order "
+                                 f"(got {self.snapshot_minutes})")
+            if self.method == "lora" or self.quant_aware is not None:
+                raise ValueError("snapshot_minutes saves the trained weights as they are: not built for method "
+                                 "lora or quant_aware (their weights become the model only when training ends)")
         if self.quant_aware is not None and (self.method == "lora" or self.objective != "kd"):
             raise ValueError("quant_aware trains the weights themselves on the grid: use method full (a LoRA adapter "
                              "merged afterwards would leave it) and objective kd")
@@ -346,7 +359,8 @@ FILES = {"log": LOG_NAME}  # this stage's layout (meta.json "files"); the HF mod
 # Resuming continues the optimisation from a checkpoint: only settings that change bookkeeping may
 # differ (logging, validation, checkpointing, where it runs); any other, a new field included, must match.
 MAY_CHANGE = frozenset({"log_every", "eval_every", "val_limit", "save_every", "keep_checkpoints", "tensorboard",
-                        "out", "device", "distributed", "teacher_server"})
+                        "out", "device", "distributed", "teacher_server", "max_minutes", "snapshot_minutes"})
+SNAPSHOTS = "snapshots"
 
 
 def _prepare_out(cfg: DistillConfig, overwrite: bool, resume: bool) -> Path | None:
@@ -404,6 +418,7 @@ class _Training:
     cross: Any = None              # the CrossSetup when the tokenizers differ
     batcher: Any = None            # preference objectives: example indices -> (micro-batches, divergence per batch)
     quant: Any = None              # kdforge.distill.quant_aware.QuantAware under quant_aware
+    steps_done: int = 0            # the last optimizer step taken (max_steps unless max_minutes stopped it)
 
 
 def run(cfg: DistillConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
@@ -412,7 +427,7 @@ def run(cfg: DistillConfig, overwrite: bool = False, resume: bool = False) -> di
     t0 = time.time()
     with removed_if_unstarted(cfg.out) if distributed.is_main() else contextlib.nullcontext():
         t = _setup(cfg, overwrite, resume)
-        total_targets = _loop(t)
+        total_targets = _loop(t, t0)
         return _finish(t, total_targets, t0)
 
 
@@ -896,7 +911,7 @@ def _cross_setup(cfg: DistillConfig, teacher_tok, student_tok, t_vocab: int):
                                                     x.uld_top_k, x.multi_token, x.unshared))
 
 
-def _loop(t: _Training) -> int:
+def _loop(t: _Training, t0: float) -> int:
     """Optimizer steps from ``t.start_step`` to the end; returns the target tokens trained on."""
     from tqdm import tqdm
 
@@ -912,6 +927,11 @@ def _loop(t: _Training) -> int:
                disable=not main)
     window: dict[str, float] = {}
     total_targets = 0
+    clock = _Clock(t0, cfg.max_minutes, list(cfg.snapshot_minutes))
+    t.steps_done = t.start_step
+    if clock.snapshots and (par.shards or par.strategy == "deepspeed"):
+        raise ConfigError("snapshot_minutes with sharded weights (fsdp, deepspeed) is not built: use ddp or one "
+                          "process, or save_every checkpoints")
     for step in range(t.start_step, cfg.max_steps):
         ts = time.time()
         progress = Progress(step, cfg.max_steps, t.steps_per_epoch)
@@ -949,7 +969,9 @@ def _loop(t: _Training) -> int:
         window["targets"] = window.get("targets", 0) + r["targets"]
         window["seconds"] = window.get("seconds", 0.0) + time.time() - ts
         bar.update(1)
-        last = step + 1 == cfg.max_steps
+        # Every rank stops, and snapshots, on rank 0's clock: a budget must end the run on all of them at once.
+        over_budget, due = clock.after_step(par)
+        last = step + 1 == cfg.max_steps or over_budget
         row: dict[str, Any] = {}
         if (step + 1) % cfg.log_every == 0 or last:
             row = _log_row(step, progress, t.sched.get_last_lr()[0], r, grad_norm, window,
@@ -958,17 +980,33 @@ def _loop(t: _Training) -> int:
             bar.set_postfix(loss=f"{row['loss']:.3f}", soft=f"{row['soft']:.3f}",
                             tok_s=f"{row['target_tokens_per_s']:.0f}")
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and t.val_batches:
+            paused = time.time()
             t.module.eval()
             with _grid_cached(t):
                 row = (row or {"step": step + 1}) | t.distiller.evaluate(t.val_batches)
             t.module.train()
+            clock.pause(time.time() - paused)
         if row and main:
             append_lines(t.log_path, [json.dumps(row)])
             if writer is not None:
                 for k, v in row.items():
                     if k != "step":
                         writer.add_scalar(f"distill/{k}", v, row["step"])
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+        for minutes in due:
+            paused = time.time()
+            if main:
+                folder = t.out / SNAPSHOTS / f"{minutes:g}min"
+                _save_final(folder, t.module, t.tok, carry=_vocab_map_of(cfg.student),
+                            extra={"snapshot.json": json.dumps({"minutes": minutes, "step": step + 1,
+                                                                "clock_minutes": round(clock.minutes(), 3)})})
+            clock.pause(time.time() - paused)
+        if last:
+            if over_budget and main:
+                print(f"[kdforge] distill: max_minutes {cfg.max_minutes:g} reached after {step + 1} of "
+                      f"{cfg.max_steps} steps", flush=True)
+            t.steps_done = step + 1
+            break
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
             state = {"consumed_micro_batches": t.consumed, "micro_batches_per_step": t.micro_per_step,
                      "world_size": par.world}
             if getattr(t.distiller, "taid", None) is not None:
@@ -986,6 +1024,29 @@ def _loop(t: _Training) -> int:
     if writer is not None:
         writer.close()
     return total_targets
+
+
+class _Clock:
+    """The stage's wall-clock for max_minutes and snapshot_minutes: from the stage's start, less the time
+    spent saving snapshots and validating (what a budget buys is training, model loading included)."""
+
+    def __init__(self, t0: float, max_minutes: float | None, snapshots: list[float]):
+        self.t0, self.max_minutes, self.snapshots, self.paused = t0, max_minutes, snapshots, 0.0
+
+    def minutes(self) -> float:
+        return (time.time() - self.t0 - self.paused) / 60
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
+    def after_step(self, par) -> tuple[bool, list[float]]:
+        """(whether the budget is spent, the snapshot minutes passed since the last call), rank 0's answer."""
+        if self.max_minutes is None and not self.snapshots:
+            return False, []
+        now = par.broadcast_float(self.minutes()) if par.active else self.minutes()
+        due = [m for m in self.snapshots if m <= now]
+        self.snapshots = [m for m in self.snapshots if m > now]
+        return self.max_minutes is not None and now >= self.max_minutes, due
 
 
 def _sampled_batches(t: _Training, indices: list[list[int]], step: int) -> tuple[list[dict], int, float]:
@@ -1071,7 +1132,7 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
     last = _read_log(t.log_path)
     _save_final(t.out, final, t.tok, state, carry=_vocab_map_of(cfg.student), card=(dump(cfg), last))
     wall = time.time() - t0
-    metrics = {"steps": cfg.max_steps, "target_tokens_this_run": total_targets, "train_examples": len(t.data),
+    metrics = {"steps": t.steps_done, "target_tokens_this_run": total_targets, "train_examples": len(t.data),
                "global_batch_size": t.micro_per_step * cfg.batch_size, "world_size": t.par.world,
                "final": last[-1] if last else {}, "wall_time_s": round(wall, 1)}
     extra = {"layer_map": {str(k): v for k, v in t.layer_map.items()}, "strategy": t.par.strategy}
@@ -1082,11 +1143,12 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
 
 
 def _save_final(out: Path, model, tok, state: dict | None = None, carry: Path | None = None,
-                card: tuple[dict, list] | None = None) -> None:
+                card: tuple[dict, list] | None = None, extra: dict[str, str] | None = None) -> None:
     """Write the HF folder into ``out`` (beside checkpoints/ and the log), each file atomically.
     ``state``: the full state dict to write instead of the model's own (FSDP2's parameters are shards).
     ``carry``: a file of the student's folder that travels with the model (a trimmed vocabulary's id map).
-    ``card``: (the resolved config, the training log's rows) for the model card (README.md) written with it."""
+    ``card``: (the resolved config, the training log's rows) for the model card (README.md) written with it.
+    ``extra``: further files, {name: text}."""
     from kdforge.models.model_card import complete_model_folder, write_model_card
 
     with atomic_files(out) as tmp:
@@ -1097,6 +1159,8 @@ def _save_final(out: Path, model, tok, state: dict | None = None, carry: Path | 
             shutil.copyfile(carry, tmp / carry.name)
         if card is not None:
             write_model_card(tmp, "distill", card[0], log_rows=card[1])
+        for name, text in (extra or {}).items():  # e.g. a snapshot's step and minute
+            (tmp / name).write_text(text)
 
 
 def _vocab_map_of(student: str) -> Path | None:
