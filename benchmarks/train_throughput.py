@@ -53,10 +53,11 @@ def linear_params(model) -> int:
 
 def worker_kdforge(data: Path, student: Path, steps: int, labels: Path | None) -> dict:
     out = Path(tempfile.mkdtemp()) / "run"
-    run_distill(DistillConfig(teacher=TEACHER, student=str(student), data=str(data), out=str(out), alpha=0.0,
-                              loss="forward_kl", temperature=1.0, batch_size=BATCH, max_length=MAX_LEN,
-                              max_steps=steps, log_every=1, lr=1e-4, warmup_steps=0, eval_every=None,
-                              labels=str(labels) if labels else None))
+    # From the cache the teacher is not loaded (and setting both is refused): labels xor teacher.
+    run_distill(DistillConfig(teacher=None if labels else TEACHER, student=str(student), data=str(data),
+                              out=str(out), alpha=0.0, loss="forward_kl", temperature=1.0, batch_size=BATCH,
+                              max_length=MAX_LEN, max_steps=steps, log_every=1, lr=1e-4, warmup_steps=0,
+                              eval_every=None, labels=str(labels) if labels else None))
     rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     return {"targets": sum(r["target_tokens"] for r in rows), "seconds": sum(r["seconds"] for r in rows)}
 
