@@ -23,7 +23,9 @@ Protocol (fixed before the first run; docs/recipes.md has the runs):
   token, top-1 agreement, NLL of the teacher's answers, and the bundled task score.
 - "trl_minutes_to_<arm>_kl" (each kdforge arm): the wall-clock TRL's GKD run needs to reach that arm's KL at
   --target-budget (10 minutes): interpolated in log-time between its budgets where it gets there, else
-  extrapolated from a least-squares fit KL = a + b ln(minutes) over its budgets (said so: "extrapolated": true).
+  extrapolated from a least-squares fit KL = a + b ln(minutes) over its budgets (said so: "extrapolated": true;
+  where the fit crosses before the last budget, which did not get there, the last budget as a lower bound:
+  "lower_bound": true; this rule was added after the first full run, whose fit said 19.0 of 20 minutes).
 - --short-seeds N: N-1 further seeds of every arm at the shortest budget only (its spread).
 Prints one JSON line. Needs `pip install trl==1.16.0` (the `bench` extra).
 Usage: python benchmarks/quality_per_hour.py --data demo_out/generate [--budgets 5,10,20]
@@ -168,8 +170,14 @@ def minutes_to_reach(curve: dict[float, float], target: float) -> dict:
     if b >= 0:
         return {"minutes": None, "extrapolated": True, "note": "its KL does not fall with time"}
     a = my - b * mx
-    return {"minutes": round(math.exp((target - a) / b), 1), "extrapolated": True,
-            "fit": {"a": round(a, 4), "b_per_ln_minute": round(b, 4)}}
+    fit = {"a": round(a, 4), "b_per_ln_minute": round(b, 4)}
+    # A curve flattening faster than the log-fit can put the fitted crossing before its own last budget, which
+    # it did not reach: the answer is then "more than the last budget" (a lower bound), never the fit.
+    minutes = math.exp((target - a) / b)
+    if minutes <= pts[-1][0]:
+        return {"minutes": pts[-1][0], "extrapolated": True, "lower_bound": True, "fit": fit,
+                "note": f"not reached by its last budget; the log-fit's {minutes:.1f} min is below that"}
+    return {"minutes": round(minutes, 1), "extrapolated": True, "fit": fit}
 
 
 def main() -> None:
