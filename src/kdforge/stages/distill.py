@@ -980,12 +980,11 @@ def _loop(t: _Training, t0: float) -> int:
             bar.set_postfix(loss=f"{row['loss']:.3f}", soft=f"{row['soft']:.3f}",
                             tok_s=f"{row['target_tokens_per_s']:.0f}")
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and t.val_batches:
-            paused = time.time()
-            t.module.eval()
-            with _grid_cached(t):
-                row = (row or {"step": step + 1}) | t.distiller.evaluate(t.val_batches)
-            t.module.train()
-            clock.pause(time.time() - paused)
+            with clock.paused():
+                t.module.eval()
+                with _grid_cached(t):
+                    row = (row or {"step": step + 1}) | t.distiller.evaluate(t.val_batches)
+                t.module.train()
         if row and main:
             append_lines(t.log_path, [json.dumps(row)])
             if writer is not None:
@@ -993,13 +992,12 @@ def _loop(t: _Training, t0: float) -> int:
                     if k != "step":
                         writer.add_scalar(f"distill/{k}", v, row["step"])
         for minutes in due:
-            paused = time.time()
-            if main:
-                folder = t.out / SNAPSHOTS / f"{minutes:g}min"
-                _save_final(folder, t.module, t.tok, carry=_vocab_map_of(cfg.student),
-                            extra={"snapshot.json": json.dumps({"minutes": minutes, "step": step + 1,
-                                                                "clock_minutes": round(clock.minutes(), 3)})})
-            clock.pause(time.time() - paused)
+            with clock.paused():
+                if main:
+                    folder = t.out / SNAPSHOTS / f"{minutes:g}min"
+                    _save_final(folder, t.module, t.tok, carry=_vocab_map_of(cfg.student),
+                                extra={"snapshot.json": json.dumps({"minutes": minutes, "step": step + 1,
+                                                                    "clock_minutes": round(clock.minutes(), 3)})})
         if last:
             if over_budget and main:
                 print(f"[kdforge] distill: max_minutes {cfg.max_minutes:g} reached after {step + 1} of "
@@ -1031,19 +1029,25 @@ class _Clock:
     spent saving snapshots and validating (what a budget buys is training, model loading included)."""
 
     def __init__(self, t0: float, max_minutes: float | None, snapshots: list[float]):
-        self.t0, self.max_minutes, self.snapshots, self.paused = t0, max_minutes, snapshots, 0.0
+        self.t0, self.max_minutes, self.snapshots, self.paused_s = t0, max_minutes, snapshots, 0.0
 
     def minutes(self) -> float:
-        return (time.time() - self.t0 - self.paused) / 60
+        return (time.time() - self.t0 - self.paused_s) / 60
 
-    def pause(self, seconds: float) -> None:
-        self.paused += seconds
+    @contextlib.contextmanager
+    def paused(self):
+        """Time inside does not count (validation, saving a snapshot)."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.paused_s += time.time() - start
 
     def after_step(self, par) -> tuple[bool, list[float]]:
         """(whether the budget is spent, the snapshot minutes passed since the last call), rank 0's answer."""
         if self.max_minutes is None and not self.snapshots:
             return False, []
-        now = par.broadcast_float(self.minutes()) if par.active else self.minutes()
+        now = par.broadcast_float(self.minutes())  # itself where one process runs
         due = [m for m in self.snapshots if m <= now]
         self.snapshots = [m for m in self.snapshots if m > now]
         return self.max_minutes is not None and now >= self.max_minutes, due
