@@ -163,6 +163,34 @@ def test_chunked_projection_and_backward_equal_one_chunk(tokenizer, loss):
     torch.testing.assert_close(g_chunk, g_ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied and untied output embedding
+def test_the_head_routed_by_hand_gives_autograds_gradients(tokenizer, arch):
+    """kdforge.distill.fused_head (logits as a leaf, gᵀx added into W.grad, gW into the hidden states' gradient)
+    gives the same loss and gradients as autograd through lm_head, over two micro-batches of 3-position chunks,
+    with embedding rows beyond the tokenizer that take no part (their gradient stays 0)."""
+    teacher = make_tiny(arch, len(tokenizer), seed=1, extra_rows=5)
+    student = make_tiny(arch, len(tokenizer), seed=2, layers=1, extra_rows=5)
+    data, _ = encode_dataset(tokenizer, [Conversation(f"c{i}", m) for i, m in enumerate(CONVS)], 64)
+    micro = [collate(data[:4], tokenizer.pad_token_id), collate(data[4:], tokenizer.pad_token_id)]
+    cfg = DistillConfig(teacher="t", student="s", data="d", temperature=2.0, alpha=0.3, chunk_size=3)
+    runs = []
+    for by_hand in (True, False):
+        student.zero_grad(set_to_none=True)
+        d = Distiller(cfg.trainer_objective(), LiveTeacher(teacher, len(tokenizer)), student, len(tokenizer), {}, None)
+        assert d.fused_head is not None
+        if not by_hand:
+            d.fused_head = None
+        r = d.step(micro, Progress(0, 10, 5))
+        runs.append((r["loss"], {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (loss_hand, g_hand), (loss_auto, g_auto) = runs
+    assert loss_hand == pytest.approx(loss_auto, rel=1e-6)
+    assert g_hand.keys() == g_auto.keys()
+    for n in g_auto:
+        torch.testing.assert_close(g_hand[n], g_auto[n], rtol=1e-5, atol=1e-7, msg=n)
+    head = student.get_output_embeddings().weight.grad
+    assert head[len(tokenizer):].abs().max() == 0 and head[:len(tokenizer)].abs().max() > 0
+
+
 def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(tokenizer, tmp_path, data_file):
     t, s = _pair(tmp_path, tokenizer)
     common = dict(teacher=t, student=s, data=str(data_file), max_steps=8, batch_size=2, log_every=1, lr=1e-3,

@@ -155,8 +155,11 @@ class _ForwardKLFromLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
-        s_logp = F.log_softmax(s_logits.float() / temperature, dim=-1)  # (N, V)
-        t_logp = F.log_softmax(t_logits.float() / temperature, dim=-1)  # (N, V)
+        s, t = s_logits.float(), t_logits.float()
+        if temperature != 1:  # a division is a full (N, V) pass each
+            s, t = s / temperature, t / temperature
+        s_logp = F.log_softmax(s, dim=-1)  # (N, V)
+        t_logp = F.log_softmax(t, dim=-1)  # (N, V)
         p = t_logp.exp()
         kl = torch.where(p > 0, p * (t_logp - s_logp), torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
         ctx.save_for_backward(s_logp, p)

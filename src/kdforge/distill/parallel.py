@@ -74,7 +74,8 @@ class TargetHidden(torch.nn.Module):
                 pack_length: int | None = None, targets: bool = True):
         if targets:
             return target_hidden(self.model, input_ids, attention_mask, labels, pack_length)
-        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state
 
 
 @dataclass

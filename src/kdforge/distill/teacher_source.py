@@ -51,7 +51,7 @@ class TeacherTargets(torch.nn.Module):
         if logits:
             return target_logits(self.model, input_ids, attention_mask, labels, self.vocab, pack_length)[0]
         if decoder:
-            self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+            self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return None
 
 

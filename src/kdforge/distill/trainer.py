@@ -28,6 +28,7 @@ from kdforge.distill.alignment import attention_loss_sum, default_layer_map, hid
 from kdforge.distill.consistency import perturbation_generator, perturbed_inputs
 from kdforge.distill.cross_losses import cross_terms
 from kdforge.distill.cross_teacher import CrossSignal, add_to_batch
+from kdforge.distill.fused_head import FusedHead
 from kdforge.distill.losses import SparseSignal, hard_ce, kd_terms, soft_divergence
 from kdforge.distill.parallel import Parallel, TargetHidden, grad_into
 from kdforge.distill.schedules import Progress, Schedule
@@ -131,6 +132,7 @@ class Distiller:
         self.root = root if root is not None else TargetHidden(student, projection)
         # A sparse gradient can be neither all-reduced nor sharded: dense in parallel runs.
         self.tied_embedding = None if self.parallel.active else sparse_tied_embedding_grad(student)
+        self.fused_head = FusedHead.of(student, vocab, autocast, self.parallel.active)
 
     def weights(self, p: Progress) -> dict[str, float]:
         c = self.objective
@@ -323,15 +325,19 @@ class Distiller:
         defer = self.parallel.active and leaf.requires_grad
         head = [p for p in self.student.get_output_embeddings().parameters() if p.requires_grad] if defer else []
         head_grads = [self.parallel.zeros_like(p) for p in head]
-        leaf_grad = torch.zeros_like(leaf) if defer else None  # (N, H)
+        fused = None if defer else self.fused_head
+        leaf_grad = torch.zeros_like(leaf) if defer or (fused is not None and leaf.requires_grad) else None  # (N, H)
         cross = isinstance(signal, CrossSignal)
         # A span's tokens are scored together: chunks of a cross-tokenizer signal end between spans.
         cuts = signal.index.cuts(n, size) if cross else list(range(0, n, size)) + [n]
         for start, stop in zip(cuts, cuts[1:]):
             sl = slice(start, stop)
             x = leaf[sl]  # (chunk, H)
-            with self.autocast or contextlib.nullcontext():
-                logits = project(self.student, x, self.vocab)  # (chunk, V)
+            if fused is not None:
+                logits = fused.logits(x)  # (chunk, V) a leaf; its gradient is routed by hand (fused_head)
+            else:
+                with self.autocast or contextlib.nullcontext():
+                    logits = project(self.student, x, self.vocab)  # (chunk, V)
             if cross:
                 terms = cross_terms(logits, targets[sl], start, signal, self.cross.vocab, self.cross.t_vocab,
                                     w["alpha"], w["temperature"], self.cross.objective)
@@ -353,9 +359,12 @@ class Distiller:
                         acc += g
             elif scaled.requires_grad:
                 scaled.backward()
+                if fused is not None:
+                    fused.backward(x, logits, leaf_grad[sl] if leaf_grad is not None else None)
             for k in ("loss", "ce", "soft"):
                 sums[k] += float(terms[k].detach())
-        return sums, (leaf_grad if defer else leaf.grad), list(zip(head, head_grads))
+            del logits, terms, scaled  # the next chunk's (chunk, V) buffers take these ones' place, not their side
+        return sums, (leaf_grad if defer or fused is not None else leaf.grad), list(zip(head, head_grads))
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         return self.projection(h) if self.projection is not None else h

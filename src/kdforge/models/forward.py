@@ -90,10 +90,12 @@ def target_hidden(
     if pack_length is not None and input_ids.shape[0] > 1 and not bool(attention_mask.all()) and can_pack(model):
         p = pack_rows(input_ids, attention_mask, labels, pack_length)
         hidden = decoder(input_ids=p["input_ids"], attention_mask=p["attention_mask"],
-                         position_ids=p["position_ids"]).last_hidden_state  # (R, L, H)
+                         position_ids=p["position_ids"], use_cache=False).last_hidden_state  # (R, L, H)
         labels = p["labels"]
     else:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        # No K/V cache: one pass over the whole sequence needs none (building it copies every layer's K/V).
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         use_cache=False).last_hidden_state  # (B, T, H)
     mask = target_positions(labels)  # (B, T-1)
     return hidden[:, :-1][mask], labels[:, 1:][mask]
 

@@ -134,10 +134,12 @@ def run(cfg: LabelConfig, overwrite: bool = False) -> dict[str, Any]:
 
 def _label(cfg: LabelConfig, overwrite: bool, device: str) -> dict[str, Any]:
     from kdforge.data.batching import shared_vocab_size
+    from kdforge.memory import reuse_freed_memory
     from kdforge.models.loading import load_model
     from kdforge.softlabels.writer import CacheWriter
 
     t0 = time.time()
+    reuse_freed_memory()  # the teacher's (N, V) logits of every batch reuse the last one's pages (kdforge.memory)
     out = Path(cfg.out)
     convs = select_split(load_training_data(cfg.data), cfg.split, cfg.limit)
     convs = [c for c in convs if c.has_answer]
