@@ -257,11 +257,13 @@ def test_a_wall_clock_budget_stops_the_run_and_snapshots_are_the_weights_at_thei
                                                                                           data_file):
     """max_minutes ends the run at the first step past the budget (the schedule still sized by max_steps);
     a snapshot taken at minute 0 is the student after step 1: with a budget spent by step 1 it equals the final
-    student, and a run of max_steps 1 without a budget gives the same weights."""
+    student, and a run of max_steps 1 without a budget gives the same weights. Under gradient checkpointing the
+    snapshot's config is the shipped one (K/V cache on), as the final folder's is."""
     from safetensors.torch import load_file
 
     t, s = _pair(tmp_path, tokenizer)
-    common = dict(teacher=t, student=s, data=str(data_file), batch_size=2, log_every=1, lr=1e-3)
+    common = dict(teacher=t, student=s, data=str(data_file), batch_size=2, log_every=1, lr=1e-3,
+                  gradient_checkpointing=True)
     m = run_distill(DistillConfig(out=str(tmp_path / "budget"), max_steps=50, max_minutes=1e-9,
                                   snapshot_minutes=[0.0, 1e6], eval_every=25, **common))
     assert m["steps"] == 1
@@ -270,6 +272,8 @@ def test_a_wall_clock_budget_stops_the_run_and_snapshots_are_the_weights_at_thei
     snaps = sorted(p.name for p in (tmp_path / "budget" / "snapshots").iterdir())
     assert snaps == ["0min"]  # the 1e6-minute snapshot was never reached
     assert json.loads((tmp_path / "budget" / "snapshots" / "0min" / "snapshot.json").read_text())["step"] == 1
+    for folder in (tmp_path / "budget", tmp_path / "budget" / "snapshots" / "0min"):
+        assert json.loads((folder / "config.json").read_text())["use_cache"] is True, folder
     run_distill(DistillConfig(out=str(tmp_path / "one"), max_steps=1, **common))
     final = load_file(tmp_path / "budget" / "model.safetensors")
     snap = load_file(tmp_path / "budget" / "snapshots" / "0min" / "model.safetensors")

@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -993,9 +994,13 @@ def _loop(t: _Training, t0: float) -> int:
             with clock.paused():
                 if main:
                     folder = t.out / SNAPSHOTS / f"{minutes:g}min"
-                    _save_final(folder, t.module, t.tok, carry=_vocab_map_of(cfg.student),
-                                extra={"snapshot.json": json.dumps({"minutes": minutes, "step": step + 1,
-                                                                    "clock_minutes": round(clock.minutes(), 3)})})
+                    undo = _ship_switches(cfg, t.module)  # the folder as shipped; training goes on as it was
+                    try:
+                        _save_final(folder, t.module, t.tok, carry=_vocab_map_of(cfg.student),
+                                    extra={"snapshot.json": json.dumps({"minutes": minutes, "step": step + 1,
+                                                                        "clock_minutes": round(clock.minutes(), 3)})})
+                    finally:
+                        undo()
         if last:
             if over_budget and main:
                 print(f"[kdforge] distill: max_minutes {cfg.max_minutes:g} reached after {step + 1} of "
@@ -1121,9 +1126,7 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
         t.distiller.tied_embedding.sparse = False
     if cfg.gradient_checkpointing:
         getattr(final, "activation_checkpointing_disable", final.gradient_checkpointing_disable)()
-        final.config.use_cache = True
-    if cfg.attention_loss != "none":
-        final.set_attn_implementation("sdpa")
+    _ship_switches(cfg, final)
     if state is not None:
         # TargetHidden's keys: "model." + the student's own names; the alignment projection is not shipped.
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
@@ -1142,6 +1145,24 @@ def _finish(t: _Training, total_targets: int, t0: float) -> dict[str, Any]:
                                   "student": cfg.student, "data": cfg.data, "labels": cfg.labels},
                metrics, wall, extra=extra, files=FILES)
     return metrics
+
+
+def _ship_switches(cfg: DistillConfig, model) -> Callable[[], None]:
+    """Set the config a shipped student has where training changed it (gradient checkpointing turns the K/V cache
+    off, attention alignment needs eager attention); returns what puts the training settings back. The final
+    folder and every snapshot are saved through it."""
+    use_cache, attn = model.config.use_cache, model.config._attn_implementation
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = True
+    if cfg.attention_loss != "none":
+        model.set_attn_implementation("sdpa")
+
+    def undo() -> None:
+        model.config.use_cache = use_cache
+        if cfg.attention_loss != "none":
+            model.set_attn_implementation(attn)
+
+    return undo
 
 
 def _save_final(out: Path, model, tok, state: dict | None = None, carry: Path | None = None,
